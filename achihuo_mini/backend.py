@@ -1,0 +1,295 @@
+"""The storage contract: ``QueueBackend`` and ``DoneSetBackend``.
+
+The loop talks to storage only through these protocols. A backend is correct when
+it passes the contract suite in :mod:`achihuo_mini.testing`.
+
+Vocabulary
+----------
+key
+    The 16-byte digest of a task name (:func:`achihuo_mini.codec.name_key`).
+    Backends never see task names, only keys; ``None`` means an unnamed task.
+payload
+    The encoded task (opaque bytes to a backend).
+pending
+    Per key, the COUNT of copies that are ready, delayed or leased. Dead letters
+    are not pending. A ``unique`` push of a key whose count is above zero is skipped.
+lease
+    A reserved task. It stays in the backend until it is committed (acked),
+    released, retried or buried. Each reservation bumps the task's ``attempt``;
+    every later call carries ``(worker, attempt)`` and the backend ignores the
+    call for that task ("fenced") when they no longer match.
+failures
+    How many times the task's handler failed. Only :meth:`QueueBackend.retry` and
+    :meth:`QueueBackend.bury` count; a release (graceful stop, recovery) does not.
+
+Ordering
+--------
+Ready tasks form a deque. Plain pushes go to the tail in batch order; ``head``
+pushes go to the head so that the batch runs in its own order before what was
+there (the newest head batch runs first); released and recovered tasks go to the
+head; retried and delayed tasks go to the tail when their delay expires.
+
+Every method takes and returns batches: the loop's hot path is about two backend
+round trips per batch of tasks, never one per task. Every method is atomic with
+respect to other processes using the same backend (``scope`` says which
+processes can share it). Empty batches are allowed and do nothing.
+
+Optional abilities are separate protocols: :class:`WorkerRegistry` (heartbeats,
+aliases, remote commands, recovery of dead workers' leases) and
+:class:`Notifier` (wake idle workers instead of polling).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "Commit",
+    "DeadLetter",
+    "DoneSetBackend",
+    "Lease",
+    "NewTask",
+    "Notifier",
+    "QueueBackend",
+    "QueueStats",
+    "Scope",
+    "WorkerInfo",
+    "WorkerRegistry",
+]
+
+Scope = Literal["process", "host", "network"]
+"""Who can share a backend: one process (memory), one host (SQLite), any host (Redis)."""
+
+SCOPE_ORDER: dict[str, int] = {"process": 0, "host": 1, "network": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A task to push.
+
+    ``unique`` (``repeat=False``): skip it when ``key`` is pending, or done in a done
+    set this queue shares (see :meth:`QueueBackend.shares_done_set`). The decision is
+    atomic with the write. ``head`` puts it at the head of the ready deque; ``delay``
+    (seconds, > 0) makes it ready at the tail after that long; ``head`` is ignored
+    for delayed tasks.
+    """
+
+    payload: bytes
+    key: bytes | None = None
+    unique: bool = False
+    head: bool = False
+    delay: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A reserved task, as returned by :meth:`QueueBackend.reserve`.
+
+    ``task_id`` identifies the queued copy (unique within the namespace, never
+    reused while the copy exists). ``worker`` and ``attempt`` are the fencing token.
+    """
+
+    task_id: int
+    payload: bytes
+    key: bytes | None
+    worker: str
+    attempt: int
+    failures: int
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """One finished attempt: ack ``lease``, then apply ``done``/``undone`` keys, then push ``children``.
+
+    ``done``/``undone`` are only given to a queue that shares the done set; the
+    loop writes them to a separate done set itself, before the commit.
+    """
+
+    lease: Lease
+    done: Sequence[bytes] = ()
+    undone: Sequence[bytes] = ()
+    children: Sequence[NewTask] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """One atomic snapshot of a queue."""
+
+    ready: int
+    delayed: int
+    leased: int
+    dead: int
+
+    @property
+    def active(self) -> int:
+        """Tasks that still have to run: ready + delayed + leased."""
+        return self.ready + self.delayed + self.leased
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A buried task: its payload, why it was buried, and how often it failed."""
+
+    task_id: int
+    payload: bytes
+    key: bytes | None
+    error: str
+    failures: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A registered worker incarnation.
+
+    ``info`` is JSON-compatible data the worker published (host, pid, role counters,
+    handler names, ``seeding``). ``age`` is seconds since its last heartbeat, in the
+    backend's clock.
+    """
+
+    worker: str
+    alias: str
+    role: str
+    info: Mapping[str, Any] = field(default_factory=dict)
+    age: float = 0.0
+
+
+@runtime_checkable
+class QueueBackend(Protocol):
+    """A durable task queue with leases. All methods are coroutines unless noted."""
+
+    scope: Scope
+    """Who can share this queue: ``process``, ``host`` or ``network``."""
+
+    location: str
+    """Where the data lives, for logs: a file path or a URL WITHOUT password."""
+
+    async def open(self) -> None:
+        """Connect and create what is missing. Raises ``BackendUnavailable`` after a connect timeout."""
+
+    async def close(self) -> None:
+        """Release connections. Idempotent. Data stays."""
+
+    def shares_done_set(self, done: DoneSetBackend) -> bool:
+        """(sync) True when this queue can read and write ``done`` inside its own atomic operations.
+
+        Then ``push`` checks unique keys against the done set too, and ``commit``
+        applies ``Commit.done``/``undone`` atomically with the ack.
+        """
+
+    async def push(self, tasks: Sequence[NewTask]) -> int:
+        """Push a batch; return how many were enqueued (unique duplicates are skipped).
+
+        A unique task is checked against pending keys (and the shared done set),
+        including the tasks earlier in the same batch.
+        """
+
+    async def reserve(self, worker: str, limit: int) -> list[Lease]:
+        """Lease up to ``limit`` ready tasks (head first) for ``worker``; never blocks.
+
+        Due delayed tasks are moved to the tail first. Each lease bumps the task's
+        attempt number. ``limit <= 0`` returns ``[]``.
+        """
+
+    async def commit(self, commits: Sequence[Commit]) -> int:
+        """Ack a batch of finished attempts; return how many were applied.
+
+        For each commit whose lease is still held: remove the task (its key's
+        pending count drops), apply done/undone keys, push the children. A
+        fenced commit writes nothing at all.
+        """
+
+    async def release(self, leases: Sequence[Lease]) -> int:
+        """Return leased tasks to the HEAD, in order, without spending a failure. Returns how many."""
+
+    async def retry(self, items: Sequence[tuple[Lease, float]]) -> int:
+        """Count one failure for each task and make it ready at the tail after ``delay`` seconds."""
+
+    async def bury(self, items: Sequence[tuple[Lease, str]]) -> int:
+        """Move leased tasks to the dead letters with an error text (counts one failure)."""
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Up to ``limit`` dead letters, oldest first."""
+
+    async def requeue_dead(self, limit: int | None = None) -> int:
+        """Push up to ``limit`` (all when None) dead letters back to the ready tail, failures reset."""
+
+    async def stats(self) -> QueueStats:
+        """Counts of ready, delayed, leased and dead tasks in one atomic snapshot."""
+
+    async def clear(self, what: Literal["queue", "dead"] = "queue") -> None:
+        """``queue``: drop ready, delayed and leased tasks and pending counts. ``dead``: drop dead letters."""
+
+
+@runtime_checkable
+class DoneSetBackend(Protocol):
+    """A durable set of finished task keys (16-byte digests)."""
+
+    scope: Scope
+    location: str
+
+    async def open(self) -> None:
+        """Connect and create what is missing."""
+
+    async def close(self) -> None:
+        """Release connections. Idempotent."""
+
+    async def add(self, keys: Sequence[bytes]) -> int:
+        """Add keys; return how many were new."""
+
+    async def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        """Membership of each key, in order."""
+
+    async def remove(self, keys: Sequence[bytes]) -> int:
+        """Remove keys; return how many were present."""
+
+    async def count(self) -> int:
+        """Number of keys in the set."""
+
+    async def clear(self) -> None:
+        """Remove every key."""
+
+
+@runtime_checkable
+class WorkerRegistry(Protocol):
+    """Optional queue ability: worker liveness, aliases, commands and lease recovery.
+
+    Times are the backend's clock. A worker is dead when its last heartbeat is
+    older than the ``ttl`` it gave; its leases are then recovered by anyone.
+    """
+
+    async def register(self, worker: str, role: str, info: Mapping[str, Any], ttl: float) -> str:
+        """Register a new incarnation and claim the lowest free alias of its role
+        (``m1``, ``m2``… for ``master``; ``s1``… for ``slave``), atomically. Its mailbox starts empty."""
+
+    async def heartbeat(self, worker: str, info: Mapping[str, Any], ttl: float) -> list[str] | None:
+        """Refresh liveness and info; return and clear commands sent to this worker.
+
+        Returns ``None`` when the worker is not registered any more (it was
+        declared dead): it must drop its leases and register again.
+        """
+
+    async def unregister(self, worker: str) -> None:
+        """Remove the worker and free its alias. Its leases (if any remain) are released to the head."""
+
+    async def workers(self) -> list[WorkerInfo]:
+        """Registered workers (dead ones included until recovered), ordered by alias."""
+
+    async def send(self, aliases: Sequence[str], command: str) -> list[str]:
+        """Append ``command`` to the mailbox of each alias; return the aliases that exist."""
+
+    async def recover(self) -> int:
+        """Unregister workers whose heartbeat expired and release their leases to the head.
+
+        Leases held by a worker that is not registered at all (declared dead, then
+        still reserving under its old incarnation) are released too. Returns tasks released.
+        """
+
+
+@runtime_checkable
+class Notifier(Protocol):
+    """Optional queue ability: let an idle worker sleep until tasks may be ready."""
+
+    async def wait_for_tasks(self, timeout: float) -> None:
+        """Return when a push may have made tasks ready, or after ``timeout`` seconds."""

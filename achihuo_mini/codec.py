@@ -1,0 +1,116 @@
+"""Task encoding: what goes into a backend, without pickle.
+
+A task is stored as ``b'\\x01' + msgpack([handler, name, args])``. The leading byte
+is the format version. msgpack keeps ``bytes`` apart from ``str`` and gives us an
+extension type for ``Item``; decoding it never runs code, so write access to a
+backend is not code execution in a worker.
+
+Task names are stored as a 16-byte blake2b digest of their UTF-8 bytes
+(:func:`name_key`): fixed memory per name, any unicode name is safe.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from hashlib import blake2b
+from typing import Any
+
+import msgpack
+
+from .errors import DecodeError, EncodeError
+from .item import Item
+
+__all__ = ["FORMAT_VERSION", "DecodedTask", "decode_task", "encode_task", "name_key"]
+
+FORMAT_VERSION = 1
+_VERSION_BYTE = bytes([FORMAT_VERSION])
+_EXT_ITEM = 1
+_SCALARS = (str, bytes, int, bool, type(None))
+
+
+def name_key(name: str) -> bytes:
+    """The 16-byte digest under which backends store a task name."""
+    return blake2b(name.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _check(value: Any, path: str) -> None:
+    """Raise EncodeError naming ``path`` if ``value`` cannot be stored."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return
+    if kind is float:
+        if not math.isfinite(value):
+            raise EncodeError(f"{path}: float {value!r} is not finite and cannot be stored")
+        return
+    if kind is list:
+        for i, element in enumerate(value):
+            _check(element, f"{path}[{i}]")
+        return
+    if kind is dict or kind is Item:
+        for key, element in value.items():
+            if type(key) is not str:
+                raise EncodeError(f"{path}: dict key {key!r} is {type(key).__name__}, only str keys can be stored")
+            _check(element, f"{path}[{key!r}]")
+        return
+    hint = " (use a list)" if kind is tuple else ""
+    raise EncodeError(
+        f"{path}: {kind.__name__} {_short(value)} cannot be stored{hint}; "
+        "task arguments may be None, bool, int, finite float, str, bytes, list, dict with str keys or Item"
+    )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _default(value: Any) -> Any:
+    if type(value) is Item:
+        return msgpack.ExtType(_EXT_ITEM, _pack(dict(value)))
+    raise EncodeError(f"cannot store {type(value).__name__}")  # unreachable after _check
+
+
+def _pack(value: Any) -> bytes:
+    return msgpack.packb(value, default=_default, strict_types=True, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == _EXT_ITEM:
+        return Item(_unpack(data))
+    raise DecodeError(f"unknown extension type {code}")
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=True, use_list=True)
+
+
+def encode_task(handler: str, name: str | None, args: tuple[Any, ...] | list[Any]) -> bytes:
+    """Encode one task. Raises :class:`EncodeError` (a ``TypeError``) naming the bad value's path."""
+    for i, arg in enumerate(args):
+        _check(arg, f"args[{i}]")
+    if name is not None and type(name) is not str:
+        raise EncodeError(f"task_name must be a str or None, not {type(name).__name__}")
+    return _VERSION_BYTE + _pack([handler, name, list(args)])
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedTask:
+    handler: str
+    name: str | None
+    args: list[Any]
+
+
+def decode_task(payload: bytes) -> DecodedTask:
+    """Decode bytes written by :func:`encode_task`. Raises :class:`DecodeError` on anything else."""
+    if not payload[:1] == _VERSION_BYTE:
+        raise DecodeError(f"unknown task format {payload[:1]!r} (this version reads format {FORMAT_VERSION})")
+    try:
+        handler, name, args = _unpack(payload[1:])
+    except DecodeError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise DecodeError(f"undecodable task: {type(exc).__name__}: {exc}") from exc
+    if type(handler) is not str or not (name is None or type(name) is str) or type(args) is not list:
+        raise DecodeError("undecodable task: wrong field types")
+    return DecodedTask(handler, name, args)

@@ -1,0 +1,221 @@
+"""Settings: defaults < config file < keyword arguments < command-line options.
+
+The config file is TOML::
+
+    [loop]
+    concurrency = 32
+
+    [queue]
+    backend = "redis"
+    url = "redis://127.0.0.1:6379/0"
+
+    [done]
+    backend = "sqlite"
+    path = "done.sqlite3"        # relative to this file's folder
+
+One file is read: ``--config``, else ``config_file=``, else ``$ACHIHUO_CONFIG``.
+``[queue]``/``[done]`` ``backend`` override ``cache_backend`` for their side; their
+other keys go to that backend, which declares them (unknown keys are errors).
+Every error names the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .plugins import BackendSpec, Option, registry
+
+__all__ = ["DEFAULT_CACHE_BACKEND", "LOOP_OPTIONS", "Settings", "build_backend_options", "load_settings"]
+
+DEFAULT_CACHE_BACKEND = "sqlite"
+"""Embedded, durable, needs no server: a first run just works."""
+
+LOOP_OPTIONS: dict[str, Option] = {
+    "concurrency": Option(int, 10, "task coroutines running at once in this process"),
+    "debug": Option(bool, True, "verbose (DEBUG) logging"),
+    "log_level": Option(str, None, "DEBUG, INFO, WARNING or ERROR; overrides debug"),
+    "grace_period": Option(float, 8.0, "seconds running handlers may finish after a stop"),
+    "lease_timeout": Option(float, 30.0, "seconds without heartbeat after which a worker is dead"),
+    "heartbeat_interval": Option(float, 10.0, "seconds between heartbeats"),
+    "task_timeout": Option(float, 600.0, "seconds a handler may run before it is cancelled (a failure)"),
+    "max_retries": Option(int, 3, "retries of a failing task before it becomes a dead letter"),
+    "retry_delay": Option(float, 1.0, "first retry delay in seconds; doubles each retry, with jitter"),
+    "retry_max_delay": Option(float, 300.0, "cap of the retry delay in seconds"),
+    "idle_exit": Option(float, None, "exit when the whole loop is idle this many seconds (None: never)"),
+    "flush_interval": Option(float, 0.1, "seconds between flushes of tasks added outside handlers"),
+    "progress_interval": Option(float, 60.0, "seconds between progress log lines (0: none)"),
+    "allow_local": Option(bool, False, "allow a network queue with a host/process-scope done set"),
+    "require_durable": Option(bool, False, "refuse a backend that reports volatile durability"),
+    "user_agent": Option(str, None, "User-Agent header of async_web_request"),
+    "request_timeout": Option(float, 30.0, "default total timeout of one HTTP try, seconds"),
+    "max_body_size": Option(int, 64 * 1024 * 1024, "largest HTTP body async_web_request reads, bytes"),
+    "per_host_limit": Option(int, 0, "concurrent requests per host (0: no limit)"),
+    "per_host_delay": Option(float, 0.0, "seconds between the starts of requests to one host"),
+}
+
+
+@dataclass
+class Side:
+    """One side (queue or done set): backend name and its checked options."""
+
+    backend: str
+    options: dict[str, Any]
+    source: str
+
+    def spec(self) -> BackendSpec:
+        return registry.get(self.backend)
+
+
+@dataclass
+class Settings:
+    """Everything a loop needs to start, resolved and checked."""
+
+    loop: dict[str, Any]
+    queue: Side
+    done: Side
+    config_path: Path | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+def _type_name(t: type) -> str:
+    return {Path: "a path (str)", float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(
+        t, t.__name__
+    )
+
+
+def _coerce(option: Option, value: Any, where: str, base_dir: Path | None) -> Any:
+    if value is None:
+        return None
+    t = option.type
+    if t is bool:
+        if type(value) is bool:
+            return value
+    elif t is int:
+        if type(value) is int:
+            return value
+    elif t is float:
+        if type(value) in (int, float):
+            return float(value)
+    elif t is str:
+        if type(value) is str:
+            return value
+    elif t is Path:
+        if isinstance(value, (str, os.PathLike)):
+            path = Path(os.path.expanduser(os.fspath(value)))
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            return path
+    else:  # pragma: no cover - plugin declared an unsupported option type
+        raise ConfigError(f"{where}: option type {t!r} is not supported")
+    raise ConfigError(f"{where}: expected {_type_name(t)}, got {type(value).__name__} {value!r}")
+
+
+def build_backend_options(
+    spec: BackendSpec, raw: Mapping[str, Any], *, source: str, base_dir: Path | None = None
+) -> dict[str, Any]:
+    """Check ``raw`` against the options ``spec`` declares and fill in defaults."""
+    unknown = sorted(set(raw) - set(spec.options))
+    if unknown:
+        known = ", ".join(sorted(spec.options)) or "none"
+        raise ConfigError(
+            f"{source}: unknown option {unknown[0]!r} for backend {spec.name!r} (it accepts: {known})"
+        )
+    out: dict[str, Any] = {}
+    for name, option in spec.options.items():
+        value = raw.get(name, option.default)
+        out[name] = _coerce(option, value, f"{source}: key {name!r}", base_dir)
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: invalid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read: {exc}") from exc
+
+
+def _section(data: Mapping[str, Any], name: str, path: Path) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"config file {path}: [{name}] must be a table, got {type(value).__name__}")
+    return dict(value)
+
+
+def load_settings(
+    *,
+    kwargs: Mapping[str, Any],
+    cache_backend: str | None,
+    queue_backend: str | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+    cli: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Resolve settings from defaults, the config file, keyword arguments and CLI options.
+
+    ``kwargs`` and ``cli`` hold loop options (``None`` values are ignored); ``cli`` may
+    also hold ``backend`` (both sides) and ``config`` (the file).
+    """
+    cli = dict(cli or {})
+    chosen = cli.pop("config", None) or config_file or os.environ.get("ACHIHUO_CONFIG") or None
+    path = Path(chosen).expanduser().resolve() if chosen else None
+    data: dict[str, Any] = _read_toml(path) if path else {}
+    base_dir = path.parent if path else None
+    where = f"config file {path}" if path else "defaults"
+    for top in data:
+        if top not in ("loop", "queue", "done"):
+            raise ConfigError(f"{where}: unknown section [{top}] (expected [loop], [queue] or [done])")
+
+    loop: dict[str, Any] = {name: opt.default for name, opt in LOOP_OPTIONS.items()}
+    sources = dict.fromkeys(loop, "default")
+    layers: list[tuple[str, Mapping[str, Any]]] = [
+        (f"{where}: [loop]", _section(data, "loop", path) if path else {}),
+        ("keyword argument", kwargs),
+        ("command-line option", cli),
+    ]
+    cli_backend = cli.pop("backend", None)
+    for label, layer in layers:
+        for name, value in layer.items():
+            if name not in LOOP_OPTIONS:
+                known = ", ".join(sorted(LOOP_OPTIONS))
+                raise ConfigError(f"{label}: unknown option {name!r} (known: {known})")
+            if value is None:
+                continue
+            loop[name] = _coerce(LOOP_OPTIONS[name], value, f"{label} {name!r}", base_dir)
+            sources[name] = label
+    if loop["concurrency"] < 1:
+        raise ConfigError(f"{sources['concurrency']} 'concurrency': must be at least 1, got {loop['concurrency']}")
+    for name in ("grace_period", "lease_timeout", "heartbeat_interval", "task_timeout", "retry_delay", "flush_interval"):
+        if loop[name] < 0:
+            raise ConfigError(f"{sources[name]} {name!r}: must not be negative, got {loop[name]}")
+    if loop["max_retries"] < 0:
+        raise ConfigError(f"{sources['max_retries']} 'max_retries': must not be negative")
+
+    def side(section: str, side_keyword: str | None) -> Side:
+        raw = _section(data, section, path) if path else {}
+        configured = raw.pop("backend", None)
+        label = f"{where}: [{section}]"
+        if configured is not None and not isinstance(configured, str):
+            raise ConfigError(f"{label}: key 'backend': expected a string, got {type(configured).__name__}")
+        # the command line, then an explicit side keyword, then the section, then cache_backend
+        name = cli_backend or side_keyword or configured or cache_backend or DEFAULT_CACHE_BACKEND
+        spec = registry.get(name)
+        if (section == "queue" and spec.create_queue is None) or (section == "done" and spec.create_done_set is None):
+            raise ConfigError(f"{label}: backend {name!r} provides no {'queue' if section == 'queue' else 'done set'}")
+        # the section's other keys belong to the backend it names (or to any, when it names none)
+        applies = configured is None or configured == name
+        options = build_backend_options(spec, raw if applies else {}, source=label, base_dir=base_dir)
+        return Side(name, options, label)
+
+    queue = side("queue", queue_backend)
+    done = side("done", None)
+    return Settings(loop=loop, queue=queue, done=done, config_path=path, sources=sources)
