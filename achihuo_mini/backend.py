@@ -159,11 +159,13 @@ class WorkerInfo:
 class QueueBackend(Protocol):
     """A durable task queue with leases. All methods are coroutines unless noted."""
 
-    scope: Scope
-    """Who can share this queue: ``process``, ``host`` or ``network``."""
+    @property
+    def scope(self) -> Scope:
+        """Who can share this queue: ``process``, ``host`` or ``network`` (a plain attribute is fine)."""
 
-    location: str
-    """Where the data lives, for logs: a file path or a URL WITHOUT password."""
+    @property
+    def location(self) -> str:
+        """Where the data lives, for logs: a file path or a URL WITHOUT password."""
 
     async def open(self) -> None:
         """Connect and create what is missing. Raises ``BackendUnavailable`` after a connect timeout."""
@@ -226,8 +228,13 @@ class QueueBackend(Protocol):
 class DoneSetBackend(Protocol):
     """A durable set of finished task keys (16-byte digests)."""
 
-    scope: Scope
-    location: str
+    @property
+    def scope(self) -> Scope:
+        """Who can share this done set (a plain attribute is fine)."""
+
+    @property
+    def location(self) -> str:
+        """Where the data lives, for logs, WITHOUT password."""
 
     async def open(self) -> None:
         """Connect and create what is missing."""

@@ -123,9 +123,7 @@ def build_backend_options(
     unknown = sorted(set(raw) - set(spec.options))
     if unknown:
         known = ", ".join(sorted(spec.options)) or "none"
-        raise ConfigError(
-            f"{source}: unknown option {unknown[0]!r} for backend {spec.name!r} (it accepts: {known})"
-        )
+        raise ConfigError(f"{source}: unknown option {unknown[0]!r} for backend {spec.name!r} (it accepts: {known})")
     out: dict[str, Any] = {}
     for name, option in spec.options.items():
         value = raw.get(name, option.default)
@@ -194,7 +192,14 @@ def load_settings(
             sources[name] = label
     if loop["concurrency"] < 1:
         raise ConfigError(f"{sources['concurrency']} 'concurrency': must be at least 1, got {loop['concurrency']}")
-    for name in ("grace_period", "lease_timeout", "heartbeat_interval", "task_timeout", "retry_delay", "flush_interval"):
+    for name in (
+        "grace_period",
+        "lease_timeout",
+        "heartbeat_interval",
+        "task_timeout",
+        "retry_delay",
+        "flush_interval",
+    ):
         if loop[name] < 0:
             raise ConfigError(f"{sources[name]} {name!r}: must not be negative, got {loop[name]}")
     if loop["max_retries"] < 0:

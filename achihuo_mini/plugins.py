@@ -92,7 +92,7 @@ class BackendSpec:
 
 class _HookSpecs:
     @hookspec
-    def achihuo_register_backends(self, register: Callable[[BackendSpec], None]) -> None:  # type: ignore[empty-body]
+    def achihuo_register_backends(self, register: Callable[[BackendSpec], None]) -> None:
         """Call ``register(BackendSpec(...))`` once for each backend the plugin provides."""
 
 

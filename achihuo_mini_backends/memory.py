@@ -265,7 +265,9 @@ class MemoryQueue:
     async def stats(self) -> QueueStats:
         s = self._s
         delayed = sum(1 for _, tid in s.delayed if tid in s.tasks and tid not in s.leased)
-        return QueueStats(ready=len(s.tasks) - len(s.leased) - delayed, delayed=delayed, leased=len(s.leased), dead=len(s.dead))
+        return QueueStats(
+            ready=len(s.tasks) - len(s.leased) - delayed, delayed=delayed, leased=len(s.leased), dead=len(s.dead)
+        )
 
     async def clear(self, what: Literal["queue", "dead"] = "queue") -> None:
         s = self._s
@@ -312,7 +314,9 @@ class MemoryQueue:
 
     async def workers(self) -> list[WorkerInfo]:
         now = time.monotonic()
-        found = [WorkerInfo(wid, w.alias, w.role, dict(w.info), now - w.last_seen) for wid, w in self._s.workers.items()]
+        found = [
+            WorkerInfo(wid, w.alias, w.role, dict(w.info), now - w.last_seen) for wid, w in self._s.workers.items()
+        ]
         return sorted(found, key=lambda w: (w.alias[0], int(w.alias[1:])))
 
     async def send(self, aliases: Sequence[str], command: str) -> list[str]:
@@ -344,7 +348,8 @@ class MemoryQueue:
         if s.delayed:
             timeout = min(timeout, max(s.delayed[0][0] - time.monotonic(), 0.0))
         try:
-            await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                await fut
         except TimeoutError:
             pass
         finally:

@@ -55,9 +55,25 @@ class RedisServer:
         self.port = _free_port()
         self.dir = tempfile.mkdtemp(prefix="achihuo-redis-")
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--daemonize", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         self.url = f"redis://127.0.0.1:{self.port}/0"
         deadline = time.monotonic() + 10
@@ -112,3 +128,94 @@ def _isolated_data_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: py
     """Default SQLite files go to a temporary XDG_DATA_HOME, never the user's."""
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
     monkeypatch.delenv("ACHIHUO_CONFIG", raising=False)
+
+
+def write_backend_config(path: Path, backend: str, options: dict[str, Any], loop: dict[str, Any] | None = None) -> Path:
+    """A TOML config file putting both sides on ``backend`` with ``options``."""
+    lines = []
+    if loop:
+        lines.append("[loop]")
+        lines += [f"{k} = {_toml(v)}" for k, v in loop.items()]
+    for side in ("queue", "done"):
+        lines.append(f"[{side}]")
+        lines.append(f'backend = "{backend}"')
+        lines += [f"{k} = {_toml(v)}" for k, v in options.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class SpiderFactory:
+    """Makes spider instances with a unique NAME on one backend, and clears their data afterwards."""
+
+    def __init__(self, backend: str, options: dict[str, Any], tmp_path: Path) -> None:
+        self.backend = backend
+        self.options = options
+        self.tmp_path = tmp_path
+        self.names: list[str] = []
+        self.config = write_backend_config(tmp_path / f"{backend}.toml", backend, options)
+
+    def subclass(self, cls: type, name: str | None = None) -> type:
+        name = name or f"t-{cls.__name__}-{uuid.uuid4().hex[:8]}"
+        self.names.append(name)
+        return type(cls.__name__, (cls,), {"NAME": name})
+
+    def __call__(self, cls: type, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("config_file", self.config)
+        return self.subclass(cls)(*args, **kwargs)
+
+    def cleanup(self) -> None:
+        import asyncio
+
+        from achihuo_mini.backend import WorkerRegistry
+        from achihuo_mini.config import build_backend_options
+
+        spec = registry.get(self.backend)
+
+        async def clear(name: str) -> None:
+            opts = build_backend_options(spec, self.options, source="test")
+            assert spec.create_queue is not None and spec.create_done_set is not None
+            q = spec.create_queue(name, dict(opts))
+            d = spec.create_done_set(name, dict(opts))
+            await q.open()
+            await d.open()
+            try:
+                if isinstance(q, WorkerRegistry):
+                    for w in await q.workers():
+                        await q.unregister(w.worker)
+                await q.clear("queue")
+                await q.clear("dead")
+                await d.clear()
+            finally:
+                await q.close()
+                await d.close()
+
+        for name in self.names:
+            asyncio.run(clear(name))
+            if self.backend == "memory":
+                from achihuo_mini_backends.memory import drop_namespace
+
+                drop_namespace(name)
+
+
+@pytest.fixture(params=backend_params())
+def spiders(request: pytest.FixtureRequest, backend_options_for: Any, tmp_path: Path) -> Iterator[SpiderFactory]:
+    """``spiders(SpiderClass, **kwargs)`` builds a uniquely named instance on each backend in turn."""
+    factory = SpiderFactory(request.param, backend_options_for(request.param), tmp_path)
+    yield factory
+    factory.cleanup()
+
+
+@pytest.fixture
+def memory_spiders(tmp_path: Path) -> Iterator[SpiderFactory]:
+    """Like ``spiders``, on the memory backend only (for loop logic that no backend changes)."""
+    factory = SpiderFactory("memory", {}, tmp_path)
+    yield factory
+    factory.cleanup()

@@ -201,9 +201,7 @@ class BackendContract:
         await queue.push([_task("p1", head=True), _task("p2", head=True)])
         await queue.push([_task("q1", head=True), _task("q2", head=True)])  # newest head batch first
         await queue.push([_task("c")])
-        assert await _drain(queue) == [
-            f"payload-{x}".encode() for x in ["q1", "q2", "p1", "p2", "a", "b", "c"]
-        ]
+        assert await _drain(queue) == [f"payload-{x}".encode() for x in ["q1", "q2", "p1", "p2", "a", "b", "c"]]
 
     async def test_mixed_batch(self, queue: QueueBackend) -> None:
         await queue.push([_task("t1"), _task("h1", head=True), _task("t2"), _task("h2", head=True)])
@@ -417,7 +415,7 @@ class BackendContract:
 
     async def test_stats_snapshot(self, queue: QueueBackend) -> None:
         await queue.push([_task(i) for i in range(6)] + [_task("d", delay=3600)])
-        a, b, c = await queue.reserve("w1", 3)
+        a, b, _ = await queue.reserve("w1", 3)
         await queue.bury([(a, "x")])
         await queue.retry([(b, 3600)])
         assert await queue.stats() == QueueStats(ready=3, delayed=2, leased=1, dead=1)
@@ -519,7 +517,9 @@ class BackendContract:
         assert await reg.register("w-d", "master", {}, 30) == "m1", "lowest free number is reused"
         workers = await reg.workers()
         assert [(w.alias, w.worker, w.role) for w in workers] == [
-            ("m1", "w-d", "master"), ("m2", "w-b", "master"), ("s1", "w-c", "slave")
+            ("m1", "w-d", "master"),
+            ("m2", "w-b", "master"),
+            ("s1", "w-c", "slave"),
         ]
 
     async def test_registry_aliases_sort_numerically(self, reg: WorkerRegistry) -> None:
@@ -534,7 +534,7 @@ class BackendContract:
         assert await reg.send(["m1", "s9", "s1"], "stop") == ["m1", "s1"]
         assert await reg.heartbeat("w-a", {"n": 3}, 30) == ["stop"]
         assert await reg.heartbeat("w-a", {"n": 3}, 30) == [], "commands are delivered once"
-        (m1, s1) = await reg.workers()
+        (m1, _) = await reg.workers()
         assert m1.info == {"n": 3} and m1.age >= 0
         assert await reg.heartbeat("unknown", {}, 30) is None
 

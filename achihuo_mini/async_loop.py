@@ -1,0 +1,1100 @@
+"""``AsyncLoop``: the task loop a crawler subclasses.
+
+::
+
+    class SomeSpider(AsyncLoop):
+        NAME = 'Some_spider'
+
+        def __init__(self):
+            super().__init__(concurrency=10, cache_backend='redis')
+
+        async def run(self):                     # master only: seed the first tasks
+            self.add_task('get_page', Item(url='https://example.com/'), task_name='https://example.com/')
+
+        async def get_page(self, item):          # a handler: a public coroutine method
+            resp = await self.async_web_request(item)
+            ...
+            self.task_done(item.url)
+
+    if __name__ == '__main__':
+        SomeSpider().start()                     # start | start -s | stop m1 | status | clear
+
+The loop reads top to bottom (:meth:`AsyncLoop.serve`): reserve a batch (at most
+``concurrency - running``) → run each handler as its own task → commit finished
+attempts in coalesced batches (ack + done names + children in one backend call),
+retry or bury failures → heartbeat. A task leaves the queue only when its handler
+returns; what a handler adds is written together with its ack, so a crash never
+loses a task and a retry never duplicates children.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .backend import (
+    SCOPE_ORDER,
+    Commit,
+    DoneSetBackend,
+    Lease,
+    NewTask,
+    Notifier,
+    QueueBackend,
+    QueueStats,
+    WorkerRegistry,
+)
+from .codec import decode_task, encode_task, name_key
+from .config import DEFAULT_CACHE_BACKEND, Settings, load_settings
+from .errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    DecodeError,
+    HandlerError,
+    Retry,
+)
+from .item import Item
+
+__all__ = ["DEFAULT_CACHE_BACKEND", "AsyncLoop", "RunSummary", "Task"]
+
+log = logging.getLogger("achihuo_mini")
+
+_ATTEMPT: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar("achihuo_attempt", default=None)
+
+_RELEASE_WAIT = 2.0  # seconds cancelled handlers get to unwind before their leases are released
+_BULK_CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task for :meth:`AsyncLoop.add_tasks`; the arguments mean what they mean in ``add_task``."""
+
+    generator_name: str
+    args: tuple[Any, ...]
+    task_name: str | None = None
+    repeat: bool = True
+    priority: bool | int = False
+    delay: float | None = None
+
+    def __init__(
+        self,
+        generator_name: str,
+        *args: Any,
+        task_name: str | None = None,
+        repeat: bool = True,
+        priority: bool | int = False,
+        delay: float | None = None,
+    ) -> None:
+        object.__setattr__(self, "generator_name", generator_name)
+        object.__setattr__(self, "args", args)
+        object.__setattr__(self, "task_name", task_name)
+        object.__setattr__(self, "repeat", repeat)
+        object.__setattr__(self, "priority", priority)
+        object.__setattr__(self, "delay", delay)
+
+
+@dataclass
+class RunSummary:
+    """What one :meth:`AsyncLoop.serve` did. ``exit_code`` follows the command line's rules."""
+
+    alias: str | None = None
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    buried: int = 0
+    released: int = 0
+    fenced: int = 0
+    added: int = 0
+    elapsed: float = 0.0
+    exit_code: int = 0
+    reason: str = ""
+
+
+class _Outbox:
+    """Buffered writes: tasks to push and done-set changes (last change of a name wins)."""
+
+    __slots__ = ("done", "tasks")
+
+    def __init__(self) -> None:
+        self.tasks: list[NewTask] = []
+        self.done: dict[bytes, bool] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.tasks or self.done)
+
+    def add(self, tasks: Sequence[NewTask]) -> None:
+        """Buffer one call's tasks so that the buffer behaves like one push per call:
+        the head tasks of a newer call go before those of older calls (each call's in its own order)."""
+        head = [t for t in tasks if t.head and not t.delay]
+        if head:
+            self.tasks[0:0] = head
+            self.tasks.extend(t for t in tasks if not (t.head and not t.delay))
+        else:
+            self.tasks.extend(tasks)
+
+    def take(self) -> _Outbox:
+        taken = _Outbox()
+        taken.tasks, self.tasks = self.tasks, []
+        taken.done, self.done = self.done, {}
+        return taken
+
+    def done_keys(self, value: bool) -> list[bytes]:
+        return [k for k, v in self.done.items() if v is value]
+
+
+@dataclass
+class _Attempt:
+    loop: AsyncLoop
+    lease: Lease
+    handler: str
+    outbox: _Outbox = field(default_factory=_Outbox)
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for ``event`` at most ``timeout`` seconds; True if it is set.
+
+    (``asyncio.wait_for`` on 3.11 can swallow a cancellation that races with the
+    result, which would make a background loop ignore shutdown.)
+    """
+    if event.is_set():
+        return True
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+def _handler_names(cls: type) -> frozenset[str]:
+    """Public coroutine methods a subclass defines (nothing ``AsyncLoop`` itself defines)."""
+    names = set()
+    for name in dir(cls):
+        if name.startswith("_") or hasattr(AsyncLoop, name):
+            continue
+        if inspect.iscoroutinefunction(getattr(cls, name, None)):
+            names.add(name)
+    return frozenset(names)
+
+
+class AsyncLoop:
+    """Base class of a crawler: subclass it, set ``NAME``, write coroutine handlers.
+
+    Parameters (all optional; ``None`` means "from the config file, else the default"):
+
+    concurrency
+        Handlers running at once in this process (default 10).
+    cache_backend
+        Backend name for both the queue and the done set (default ``'sqlite'``:
+        embedded and durable). ``[queue]``/``[done]`` sections of the config file
+        override it per side.
+    debug
+        Verbose logging (default True). asyncio debug mode only via ``PYTHONASYNCIODEBUG=1``.
+    config_file
+        A TOML file (see :mod:`achihuo_mini.config`); else ``$ACHIHUO_CONFIG``.
+    queue_backend
+        Backend of the queue side only (seed-era keyword).
+    **options
+        Loop options: ``grace_period`` (8 s), ``lease_timeout`` (30 s),
+        ``heartbeat_interval`` (10 s), ``task_timeout`` (600 s), ``max_retries`` (3),
+        ``retry_delay`` (1 s), ``retry_max_delay`` (300 s), ``idle_exit`` (None),
+        ``flush_interval`` (0.1 s), ``progress_interval`` (60 s), ``allow_local``,
+        ``require_durable``, ``log_level``, ``user_agent``, ``request_timeout``,
+        ``max_body_size``, ``per_host_limit``, ``per_host_delay``.
+
+    Class attributes: ``NAME`` (required, the loop's namespace), ``HANDLER_ALIASES``
+    (``{'old_name': 'new_name'}`` for renamed handlers), ``HANDLER_MAX_RETRIES``
+    (``{'handler': n}`` overrides ``max_retries`` per handler).
+
+    Unknown backends, unknown options and a bad config file raise
+    :class:`~achihuo_mini.errors.ConfigError` (or ``BackendNotFound``) here.
+    """
+
+    NAME: ClassVar[str | None] = None
+    HANDLER_ALIASES: ClassVar[dict[str, str]] = {}
+    HANDLER_MAX_RETRIES: ClassVar[dict[str, int]] = {}
+
+    def __init__(
+        self,
+        concurrency: int | None = None,
+        cache_backend: str | None = None,
+        debug: bool | None = None,
+        config_file: str | os.PathLike[str] | None = None,
+        *,
+        queue_backend: str | None = None,
+        **options: Any,
+    ) -> None:
+        name = type(self).NAME
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{type(self).__name__}.NAME must be a non-empty string (the loop's namespace)")
+        self.name: str = name
+        self._init_kwargs = dict(options, concurrency=concurrency, debug=debug)
+        self._cache_backend = cache_backend
+        self._queue_backend = queue_backend
+        self._config_file = config_file
+        self._handlers = _handler_names(type(self))
+        for old, new in self.HANDLER_ALIASES.items():
+            if new not in self._handlers:
+                raise ConfigError(
+                    f"HANDLER_ALIASES maps {old!r} to {new!r}, which is not a handler of {type(self).__name__}"
+                )
+        self._configure()
+        # runtime state (set by serve)
+        self._aloop: asyncio.AbstractEventLoop | None = None
+        self._serving = False
+        self._opened = False
+        self._stop_requested = False
+        self._force_stop = False
+        self._wake: asyncio.Event | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._outbox = _Outbox()
+        self._commits: list[_Attempt] = []
+        self._retries: list[tuple[Lease, float]] = []
+        self._burials: list[tuple[Lease, str]] = []
+        self._releases: list[Lease] = []
+        self._flush_wanted: asyncio.Event | None = None
+        self._running: dict[asyncio.Task[None], _Attempt] = {}
+        self._seeding = False
+        self._worker = ""
+        self.alias: str | None = None
+        self._summary = RunSummary()
+        self._backend_down_since: float | None = None
+        self._sync_runner: asyncio.Runner | None = None
+        self._sync_pair: tuple[QueueBackend, DoneSetBackend] | None = None
+        self._http: Any = None
+
+    # -- configuration --------------------------------------------------------
+
+    def _configure(self, cli: dict[str, Any] | None = None) -> None:
+        settings = load_settings(
+            kwargs=self._init_kwargs,
+            cache_backend=self._cache_backend,
+            queue_backend=self._queue_backend,
+            config_file=self._config_file,
+            cli=cli,
+        )
+        self.settings: Settings = settings
+        self.concurrency: int = settings.loop["concurrency"]
+        self.debug: bool = settings.loop["debug"]
+        self._queue, self._done = self._make_backends()
+        q, d = self._queue, self._done
+        if SCOPE_ORDER[q.scope] > SCOPE_ORDER[d.scope] and not settings.loop["allow_local"]:
+            raise ConfigError(
+                f"the queue ({settings.queue.backend}, scope {q.scope}) is shared more widely than the done set "
+                f"({settings.done.backend}, scope {d.scope}): workers elsewhere would not see done names. "
+                "Use the same backend for both, or set allow_local = true in [loop]"
+            )
+        self._shared = q.shares_done_set(d)
+
+    def _make_backends(self) -> tuple[QueueBackend, DoneSetBackend]:
+        s = self.settings
+        qspec, dspec = s.queue.spec(), s.done.spec()
+        assert qspec.create_queue is not None and dspec.create_done_set is not None
+        return qspec.create_queue(self.name, dict(s.queue.options)), dspec.create_done_set(
+            self.name, dict(s.done.options)
+        )
+
+    def _option(self, name: str) -> Any:
+        return self.settings.loop[name]
+
+    # -- handlers -----------------------------------------------------------
+
+    def _check_handler(self, generator_name: Any) -> str:
+        if not isinstance(generator_name, str):
+            raise HandlerError(
+                f"add_task: generator_name must be the NAME of a handler (a str), not {type(generator_name).__name__}"
+            )
+        if generator_name not in self._handlers and generator_name not in self.HANDLER_ALIASES:
+            known = ", ".join(sorted(self._handlers)) or "none"
+            raise HandlerError(
+                f"{generator_name!r} is not a handler of {type(self).__name__}: a handler is a public "
+                f"coroutine method defined on the subclass (handlers: {known})"
+            )
+        return generator_name
+
+    def _resolve_handler(self, name: str) -> Callable[..., Awaitable[Any]] | None:
+        """The bound handler for a name read from the queue, or None. Queue data is untrusted."""
+        name = self.HANDLER_ALIASES.get(name, name)
+        if name not in self._handlers:
+            return None
+        return getattr(self, name)  # type: ignore[no-any-return]
+
+    # -- adding tasks -------------------------------------------------------
+
+    def _new_task(
+        self,
+        generator_name: str,
+        args: tuple[Any, ...],
+        task_name: str | None,
+        repeat: bool,
+        priority: bool | int,
+        delay: float | None,
+    ) -> NewTask:
+        self._check_handler(generator_name)
+        if task_name is not None and not isinstance(task_name, str):
+            raise TypeError(f"add_task: task_name must be a str or None, not {type(task_name).__name__}")
+        if not isinstance(repeat, bool):
+            raise TypeError(f"add_task: repeat must be True or False, not {repeat!r}")
+        if not isinstance(priority, int):
+            raise TypeError(f"add_task: priority must be a bool or an int, not {priority!r}")
+        if delay is not None:
+            if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not (0 <= delay < float("inf")):
+                raise ValueError(f"add_task: delay must be a non-negative number of seconds, not {delay!r}")
+        payload = encode_task(generator_name, task_name, args)
+        key = name_key(task_name) if task_name is not None else None
+        return NewTask(
+            payload, key, unique=not repeat and key is not None, head=bool(priority), delay=float(delay or 0)
+        )
+
+    def add_task(
+        self,
+        generator_name: str,
+        *args: Any,
+        task_name: str | None = None,
+        repeat: bool = True,
+        priority: bool | int = False,
+        delay: float | None = None,
+    ) -> None:
+        """Queue a call of the handler named ``generator_name`` with ``args``.
+
+        ``task_name`` identifies the task (``None``: never deduplicated). With
+        ``repeat=False`` the task is skipped when that name is done or pending.
+        ``priority`` puts it at the head of the queue; ``delay`` makes it ready
+        after that many seconds. Raises ``HandlerError`` for an unknown handler
+        and ``EncodeError`` (a ``TypeError``) for arguments that cannot be stored.
+
+        Inside a handler the task is written together with the handler's ack (and
+        discarded if the handler fails); elsewhere in the running loop it is
+        flushed within ``flush_interval``; with no running event loop it is
+        written before this returns.
+        """
+        task = self._new_task(generator_name, args, task_name, repeat, priority, delay)
+        self._route(tasks=[task])
+
+    async def add_tasks(self, tasks: Iterable[Task]) -> None:
+        """Add many :class:`Task` objects, written in chunks as they are produced (backpressure).
+
+        Inside a handler they join the handler's outbox like ``add_task``.
+        """
+        chunk: list[NewTask] = []
+        in_attempt = self._current_attempt() is not None
+        for t in tasks:
+            chunk.append(self._new_task(t.generator_name, t.args, t.task_name, t.repeat, t.priority, t.delay))
+            if len(chunk) >= _BULK_CHUNK:
+                self._route(tasks=chunk)
+                chunk = []
+                if not in_attempt:
+                    await self.flush()
+        if chunk:
+            self._route(tasks=chunk)
+        if not in_attempt:
+            await self.flush()
+
+    def task_done(self, task_name: str) -> None:
+        """Put ``task_name`` in the done set (any name, not only the running task's)."""
+        if not isinstance(task_name, str):
+            raise TypeError(f"task_done: task_name must be a str, not {type(task_name).__name__}")
+        self._route(done={name_key(task_name): True})
+
+    def uncache_task(self, *task_names: str) -> None:
+        """Remove names from the done set, so ``repeat=False`` tasks of those names can be added again."""
+        for n in task_names:
+            if not isinstance(n, str):
+                raise TypeError(f"uncache_task: task names must be str, not {type(n).__name__}")
+        self._route(done={name_key(n): False for n in task_names})
+
+    def _current_attempt(self) -> _Attempt | None:
+        attempt = _ATTEMPT.get()
+        return attempt if attempt is not None and attempt.loop is self else None
+
+    def _route(self, tasks: Sequence[NewTask] = (), done: dict[bytes, bool] | None = None) -> None:
+        attempt = self._current_attempt()
+        if attempt is not None:
+            attempt.outbox.add(tasks)
+            attempt.outbox.done.update(done or {})
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is None:
+            self._write_now(tasks, done or {})
+            return
+        self._outbox.add(tasks)
+        self._outbox.done.update(done or {})
+        if self._serving and running is self._aloop:
+            self._summary.added += len(tasks)
+            if len(self._outbox.tasks) >= _BULK_CHUNK and self._flush_wanted is not None:
+                self._flush_wanted.set()
+        else:  # an event loop that is not serving this loop: flush soon on it
+            running.create_task(self.flush())
+
+    def _write_now(self, tasks: Sequence[NewTask], done: dict[bytes, bool]) -> None:
+        """No event loop is running: write synchronously through a private one."""
+        if self._sync_runner is None:
+            self._sync_runner = asyncio.Runner()
+        outbox = _Outbox()
+        outbox.tasks = list(tasks)
+        outbox.done = dict(done)
+
+        async def write() -> None:
+            if self._sync_pair is None:
+                q, d = self._make_backends()
+                await q.open()
+                try:
+                    await d.open()
+                except BaseException:
+                    await q.close()
+                    raise
+                self._sync_pair = (q, d)
+            q, d = self._sync_pair
+            await self._write_outbox(q, d, q.shares_done_set(d), outbox)
+
+        self._sync_runner.run(write())
+
+    def close(self) -> None:
+        """Close what synchronous ``add_task`` calls opened (a script that only adds tasks)."""
+        if self._sync_runner is not None:
+            pair, self._sync_pair = self._sync_pair, None
+
+            async def close_pair() -> None:
+                if pair is not None:
+                    await pair[0].close()
+                    await pair[1].close()
+
+            self._sync_runner.run(close_pair())
+            self._sync_runner.close()
+            self._sync_runner = None
+
+    async def _unique_filter(self, done_set: DoneSetBackend, tasks: list[NewTask]) -> list[NewTask]:
+        """For a done set the queue cannot see: drop unique tasks whose name is done."""
+        unique = [t for t in tasks if t.unique and t.key is not None]
+        if not unique:
+            return tasks
+        flags = await done_set.contains([t.key for t in unique if t.key is not None])
+        skip = {id(t) for t, is_done in zip(unique, flags, strict=True) if is_done}
+        return [t for t in tasks if id(t) not in skip]
+
+    async def _write_outbox(self, q: QueueBackend, d: DoneSetBackend, shared: bool, outbox: _Outbox) -> None:
+        """Done-set changes first, then the pushes (a duplicate at worst, never a loss)."""
+        if outbox.done:
+            removed, added = outbox.done_keys(False), outbox.done_keys(True)
+            if removed:
+                await d.remove(removed)
+            if added:
+                await d.add(added)
+        tasks = outbox.tasks
+        if tasks and not shared:
+            tasks = await self._unique_filter(d, tasks)
+        if tasks:
+            await q.push(tasks)
+
+    async def flush(self) -> None:
+        """Write everything added outside handlers now."""
+        if not self._outbox:
+            return
+        if not self._opened:
+            await self._open()
+        outbox = self._outbox.take()
+        try:
+            await self._write_outbox(self._queue, self._done, self._shared, outbox)
+        except BaseException:
+            # put it back in front so nothing is lost and order is kept
+            outbox.tasks.extend(self._outbox.tasks)
+            outbox.done.update(self._outbox.done)
+            self._outbox = outbox
+            raise
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop this loop gracefully. Safe from handlers, signal handlers and other threads."""
+        self._stop_requested = True
+        loop = self._aloop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            in_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            in_loop = False
+        if in_loop:
+            self._signal_stop()
+        else:
+            loop.call_soon_threadsafe(self._signal_stop)
+
+    def _signal_stop(self) -> None:
+        if self._stop_event is not None:
+            self._stop_event.set()
+        if self._wake is not None:
+            self._wake.set()
+
+    def _on_sigint(self) -> None:
+        if self._stop_requested:
+            log.warning("%s: second interrupt: skipping the grace period", self.name)
+            self._force_stop = True
+        self.stop()
+
+    async def run(self) -> None:
+        """Seed the first tasks (master only). Optional; runs at every master start."""
+
+    async def _open(self) -> None:
+        if self._opened:
+            return
+        await self._queue.open()
+        try:
+            await self._done.open()
+        except BaseException:
+            await self._queue.close()
+            raise
+        self._opened = True
+
+    async def _close_backends(self) -> None:
+        if self._opened:
+            self._opened = False
+            try:
+                await self._queue.close()
+            finally:
+                await self._done.close()
+
+    def _info(self, role: str) -> dict[str, Any]:
+        s = self._summary
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "role": role,
+            "started": self._started_wall,
+            "concurrency": self.concurrency,
+            "running": len(self._running),
+            "succeeded": s.succeeded,
+            "failed": s.failed,
+            "buried": s.buried,
+            "seeding": self._seeding,
+            "handlers": sorted(self._handlers),
+        }
+
+    async def serve(
+        self,
+        *,
+        slave: bool = False,
+        seed: bool = True,
+        idle_exit: float | None = None,
+        handle_signals: bool = False,
+    ) -> RunSummary:
+        """Run the loop in the current event loop until stopped (or idle).
+
+        ``slave=True`` consumes only; a master (the default) also runs :meth:`run`
+        unless ``seed=False``. ``idle_exit`` (seconds) ends the loop when the whole
+        queue has been idle that long (``0``: at the first idle snapshot).
+        ``handle_signals`` installs graceful SIGTERM/SIGINT handlers.
+        """
+        if self._serving:
+            raise RuntimeError(f"{self.name} is already serving")
+        if idle_exit is None:
+            idle_exit = self._option("idle_exit")
+        role = "slave" if slave else "master"
+        self._aloop = asyncio.get_running_loop()
+        self._serving = True
+        self._stop_requested = self._force_stop = False
+        self._wake = asyncio.Event()
+        self._stop_event = asyncio.Event()
+        self._flush_wanted = asyncio.Event()
+        self._summary = RunSummary()
+        self._started_wall = time.time()
+        started = time.monotonic()
+        self._worker = uuid.uuid4().hex
+        installed: list[int] = []
+        background: list[asyncio.Task[Any]] = []
+        seeder: asyncio.Task[None] | None = None
+        summary = self._summary
+        try:
+            if handle_signals and threading.current_thread() is threading.main_thread():
+                self._aloop.add_signal_handler(signal.SIGTERM, self.stop)
+                self._aloop.add_signal_handler(signal.SIGINT, self._on_sigint)
+                installed = [signal.SIGTERM, signal.SIGINT]
+            await self._open()
+            self._log_start(role)
+            if isinstance(self._queue, WorkerRegistry):
+                await self._queue.recover()
+                self.alias = await self._queue.register(
+                    self._worker, role, self._info(role), self._option("lease_timeout")
+                )
+                summary.alias = self.alias
+                log.info("%s: registered as %s (worker %s)", self.name, self.alias, self._worker[:8])
+            if not slave and seed:
+                self._seeding = True
+                seeder = asyncio.create_task(self._seed(), name=f"{self.name}-seed")
+            background = [
+                asyncio.create_task(self._committer(), name=f"{self.name}-committer"),
+                asyncio.create_task(self._heartbeat(role), name=f"{self.name}-heartbeat"),
+            ]
+            await self._dispatch(idle_exit, seeder)
+        except BackendError as exc:
+            log.error("%s: backend failed: %s", self.name, exc)
+            summary.exit_code = 1
+            summary.reason = str(exc)
+        finally:
+            await self._shutdown(seeder, background)
+            for sig in installed:
+                self._aloop.remove_signal_handler(sig)
+            summary.elapsed = time.monotonic() - started
+            self._serving = False
+            self._log_summary()
+        return summary
+
+    async def _seed(self) -> None:
+        try:
+            await self.run()
+            await self.flush()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.error("%s: run() failed; what it added is kept:\n%s", self.name, traceback.format_exc())
+            self._summary.exit_code = 1
+            self._summary.reason = "run() raised"
+            self.stop()
+        finally:
+            self._seeding = False
+
+    def _log_start(self, role: str) -> None:
+        s = self.settings
+        log.info(
+            "%s: starting as %s, concurrency %d; queue: %s at %s; done set: %s at %s%s",
+            self.name,
+            role,
+            self.concurrency,
+            s.queue.backend,
+            self._queue.location,
+            s.done.backend,
+            self._done.location,
+            "" if self._shared else " (separate: done names are written before acks)",
+        )
+
+    async def _dispatch(self, idle_exit: float | None, seeder: asyncio.Task[None] | None) -> None:
+        """Reserve → run → (committer acks) until a stop or global idleness."""
+        assert self._wake is not None and self._stop_event is not None
+        queue, wake = self._queue, self._wake
+        idle_since: float | None = None
+        poll = 0.01
+        while not self._stop_requested:
+            free = self.concurrency - len(self._running)
+            if free <= 0:
+                wake.clear()
+                await wake.wait()
+                continue
+            try:
+                leases = await queue.reserve(self._worker, free)
+            except BackendUnavailable as exc:
+                await self._backend_down(exc)
+                continue
+            self._backend_up()
+            if leases:
+                idle_since = None
+                poll = 0.01
+                for lease in leases:
+                    self._start_attempt(lease)
+                await asyncio.sleep(0)  # let handlers that finish at once free their slots
+                continue
+            # nothing ready
+            if idle_exit is not None and not self._running and self._quiet(seeder):
+                if await self._globally_idle():
+                    now = time.monotonic()
+                    idle_since = idle_since or now
+                    if now - idle_since >= idle_exit:
+                        log.info("%s: the queue is idle; stopping", self.name)
+                        self._summary.reason = "idle"
+                        return
+                else:
+                    idle_since = None
+            wake.clear()
+            await self._wait_for_work(min(poll, 1.0))
+            poll = min(poll * 2, 0.5)
+
+    def _quiet(self, seeder: asyncio.Task[None] | None) -> bool:
+        return not (self._outbox or self._commits or self._retries or self._burials or self._releases) and (
+            seeder is None or seeder.done()
+        )
+
+    async def _globally_idle(self) -> bool:
+        stats = await self._queue.stats()
+        if stats.active:
+            return False
+        if isinstance(self._queue, WorkerRegistry):
+            for w in await self._queue.workers():
+                if w.worker != self._worker and w.info.get("seeding"):
+                    return False
+        return True
+
+    async def _wait_for_work(self, timeout: float) -> None:
+        assert self._wake is not None
+        waiters: list[asyncio.Task[Any]] = [asyncio.ensure_future(self._wake.wait())]
+        if isinstance(self._queue, Notifier):
+            waiters.append(asyncio.ensure_future(self._queue.wait_for_tasks(timeout)))
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                if not w.done():
+                    w.cancel()
+            for w in waiters:
+                try:
+                    await w
+                except (asyncio.CancelledError, BackendError):
+                    pass
+
+    async def _backend_down(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if self._backend_down_since is None:
+            self._backend_down_since = now
+            log.warning("%s: backend unreachable, pausing: %s", self.name, exc)
+        assert self._stop_event is not None
+        await _wait(self._stop_event, min(5.0, 0.2 + (now - self._backend_down_since)))
+
+    def _backend_up(self) -> None:
+        if self._backend_down_since is not None:
+            log.warning(
+                "%s: backend reachable again after %.1f s; resuming",
+                self.name,
+                time.monotonic() - self._backend_down_since,
+            )
+            self._backend_down_since = None
+
+    # -- attempts -----------------------------------------------------------
+
+    def _start_attempt(self, lease: Lease) -> None:
+        attempt = _Attempt(self, lease, "")
+        task = asyncio.create_task(self._run_attempt(attempt))
+        self._running[task] = attempt
+        task.add_done_callback(self._attempt_finished)
+
+    def _attempt_finished(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _run_attempt(self, attempt: _Attempt) -> None:
+        lease = attempt.lease
+        try:
+            decoded = decode_task(lease.payload)
+        except DecodeError as exc:
+            log.error("%s: burying undecodable task %d: %s", self.name, lease.task_id, exc)
+            self._bury(lease, f"undecodable: {exc}")
+            return
+        attempt.handler = decoded.handler
+        handler = self._resolve_handler(decoded.handler)
+        if handler is None:
+            log.error("%s: burying task %r: unknown handler %r", self.name, decoded.name, decoded.handler)
+            self._bury(lease, f"unknown handler {decoded.handler!r}")
+            return
+        _ATTEMPT.set(attempt)
+        try:
+            async with asyncio.timeout(self._option("task_timeout")):
+                await handler(*decoded.args)
+        except asyncio.CancelledError:
+            # a stop cancelled us: the lease goes back to the queue head, the outbox is discarded
+            self._releases.append(lease)
+            self._kick()
+            return
+        except Exception as exc:
+            if isinstance(exc, TimeoutError):
+                error = f"TimeoutError: handler ran longer than task_timeout ({self._option('task_timeout')} s)"
+            else:
+                error = "".join(traceback.format_exception_only(exc)).strip()
+            self._fail(attempt, decoded.name, exc, error)
+            return
+        self._commits.append(attempt)
+        self._kick()
+
+    def _max_retries(self, handler: str) -> int:
+        handler = self.HANDLER_ALIASES.get(handler, handler)
+        return int(self.HANDLER_MAX_RETRIES.get(handler, self._option("max_retries")))
+
+    def _fail(self, attempt: _Attempt, name: str | None, exc: Exception, error: str) -> None:
+        lease = attempt.lease
+        self._summary.failed += 1
+        if lease.failures >= self._max_retries(attempt.handler):
+            log.error("%s: task %r failed %d times, now a dead letter: %s", self.name, name, lease.failures + 1, error)
+            self._bury(lease, error)
+            return
+        if isinstance(exc, Retry) and exc.delay is not None:
+            delay = max(0.0, float(exc.delay))
+        else:
+            base = self._option("retry_delay") * (2**lease.failures)
+            delay = min(self._option("retry_max_delay"), base) * random.uniform(0.5, 1.0)
+        log.warning("%s: task %r failed (retry in %.1f s): %s", self.name, name, delay, error)
+        if self.debug and not isinstance(exc, Retry):
+            log.debug("%s", "".join(traceback.format_exception(exc)))
+        self._retries.append((lease, delay))
+        self._summary.retried += 1
+        self._kick()
+
+    def _bury(self, lease: Lease, reason: str) -> None:
+        self._burials.append((lease, reason[:2048]))
+        self._summary.buried += 1
+        self._kick()
+
+    def _kick(self) -> None:
+        if self._flush_wanted is not None:
+            self._flush_wanted.set()
+
+    # -- the committer: coalesced writes ------------------------------------------
+
+    async def _committer(self) -> None:
+        """Write finished attempts, retries, burials, releases and the outbox in batches."""
+        assert self._flush_wanted is not None
+        interval = self._option("flush_interval")
+        failures = 0
+        while True:
+            await _wait(self._flush_wanted, interval)
+            self._flush_wanted.clear()
+            await asyncio.sleep(0)  # coalesce handlers finishing in the same tick
+            try:
+                await self._write_batch()
+                failures = 0
+            except BackendUnavailable as exc:
+                failures += 1
+                await self._backend_down(exc)
+                self._flush_wanted.set()
+            except BackendError as exc:
+                failures += 1
+                log.error("%s: write failed (%d): %s", self.name, failures, exc)
+                await asyncio.sleep(min(5.0, 0.1 * 2**failures))
+                self._flush_wanted.set()
+
+    async def _write_batch(self) -> None:
+        """One round of writes. What fails is put back, so a later round retries it."""
+        q = self._queue
+        if self._commits:
+            attempts, self._commits = self._commits, []
+            try:
+                applied = await self._commit(attempts)
+            except BaseException:
+                self._commits[:0] = attempts
+                raise
+            self._summary.succeeded += applied
+            self._summary.fenced += len(attempts) - applied
+            if applied < len(attempts):
+                log.warning("%s: %d commits were fenced (their lease was lost)", self.name, len(attempts) - applied)
+        for attr, method in (("_retries", q.retry), ("_burials", q.bury), ("_releases", q.release)):
+            items = getattr(self, attr)
+            if items:
+                setattr(self, attr, [])
+                try:
+                    n = await method(items)
+                except BaseException:
+                    getattr(self, attr)[:0] = items
+                    raise
+                if attr == "_releases":
+                    self._summary.released += n
+        if self._outbox:
+            await self.flush()
+
+    async def _commit(self, attempts: list[_Attempt]) -> int:
+        q, d = self._queue, self._done
+        if self._shared:
+            commits = [
+                Commit(a.lease, a.outbox.done_keys(True), a.outbox.done_keys(False), a.outbox.tasks) for a in attempts
+            ]
+        else:
+            merged = _Outbox()
+            for a in attempts:
+                merged.done.update(a.outbox.done)
+            await self._write_outbox(q, d, False, merged)  # done names first: a duplicate, never a loss
+            commits = []
+            for a in attempts:
+                children = await self._unique_filter(d, a.outbox.tasks) if a.outbox.tasks else []
+                commits.append(Commit(a.lease, children=children))
+        return await q.commit(commits)
+
+    # -- heartbeat -----------------------------------------------------------
+
+    async def _heartbeat(self, role: str) -> None:
+        queue = self._queue
+        interval = self._option("heartbeat_interval")
+        lease_timeout = self._option("lease_timeout")
+        progress = self._option("progress_interval")
+        next_progress = time.monotonic() + progress if progress else None
+        last_ok = time.monotonic()
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(interval)
+            lag = time.monotonic() - before - interval
+            if lag > 1.0:
+                log.warning("%s: event loop lagged %.1f s (a handler is blocking it?)", self.name, lag)
+            if not isinstance(queue, WorkerRegistry):
+                continue
+            try:
+                commands = await queue.heartbeat(self._worker, self._info(role), lease_timeout)
+                if commands is None or time.monotonic() - last_ok > lease_timeout:
+                    old = self._worker
+                    self._worker = uuid.uuid4().hex
+                    self.alias = await queue.register(self._worker, role, self._info(role), lease_timeout)
+                    log.warning(
+                        "%s: worker %s was declared dead; re-registered as %s (%s)",
+                        self.name,
+                        old[:8],
+                        self.alias,
+                        self._worker[:8],
+                    )
+                    commands = []
+                last_ok = time.monotonic()
+                for command in commands:
+                    if command == "stop":
+                        log.info("%s: stop command received", self.name)
+                        self.stop()
+                await queue.recover()
+            except BackendError as exc:
+                log.warning("%s: heartbeat failed: %s", self.name, exc)
+            if next_progress is not None and time.monotonic() >= next_progress:
+                next_progress = time.monotonic() + progress
+                await self._log_progress()
+
+    async def _log_progress(self) -> None:
+        s = self._summary
+        try:
+            stats: QueueStats | None = await self._queue.stats()
+        except BackendError:
+            stats = None
+        log.info(
+            "%s: %d ok, %d failed, %d dead, %d running%s",
+            self.name,
+            s.succeeded,
+            s.failed,
+            s.buried,
+            len(self._running),
+            f"; queue: {stats.ready} ready, {stats.delayed} delayed, {stats.leased} leased, {stats.dead} dead"
+            if stats
+            else "",
+        )
+
+    # -- shutdown -------------------------------------------------------------
+
+    async def _shutdown(self, seeder: asyncio.Task[None] | None, background: list[asyncio.Task[Any]]) -> None:
+        self._stop_requested = True
+        if seeder is not None and not seeder.done():
+            seeder.cancel()
+            await asyncio.gather(seeder, return_exceptions=True)
+        if self._running:
+            grace = 0.0 if self._force_stop else self._option("grace_period")
+            log.info("%s: stopping; %d handlers running get %.1f s to finish", self.name, len(self._running), grace)
+            await self._wait_running(grace)
+        if self._running:
+            log.warning(
+                "%s: cancelling %d handlers; their tasks go back to the queue head", self.name, len(self._running)
+            )
+            for task in list(self._running):
+                task.cancel()
+            await asyncio.wait(list(self._running), timeout=_RELEASE_WAIT)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        try:
+            if self._opened:
+                await self._final_writes()
+                if isinstance(self._queue, WorkerRegistry) and self.alias is not None:
+                    await self._queue.unregister(self._worker)
+        except BackendError as exc:
+            log.error(
+                "%s: could not write before exiting (leases come back after the lease timeout): %s", self.name, exc
+            )
+            self._summary.exit_code = 1
+            self._summary.reason = self._summary.reason or str(exc)
+        finally:
+            self._drop_stray_leases()
+            await self._close_backends()
+            await self._close_http()
+
+    async def _wait_running(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        while self._running and not self._force_stop:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            assert self._wake is not None
+            self._wake.clear()
+            if not await _wait(self._wake, remaining):
+                return
+
+    async def _final_writes(self) -> None:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await self._write_batch()
+                return
+            except BackendUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+    def _drop_stray_leases(self) -> None:
+        for task in self._running:
+            log.error("%s: handler %s did not stop; its lease comes back after the lease timeout", self.name, task)
+        self._running.clear()
+
+    def _log_summary(self) -> None:
+        s = self._summary
+        log.info(
+            "%s: finished in %.1f s (%s): %d ok, %d failed (%d retried, %d dead), %d released, %d fenced, %d added",
+            self.name,
+            s.elapsed,
+            s.reason or "stopped",
+            s.succeeded,
+            s.failed,
+            s.retried,
+            s.buried,
+            s.released,
+            s.fenced,
+            s.added,
+        )
+
+    # -- synchronous entry points -------------------------------------------------
+
+    def run_until_idle(self, *, slave: bool = False, seed: bool = True, idle_exit: float = 0.0) -> RunSummary:
+        """Run in a fresh event loop until the queue is idle (tests, scripts, benchmarks)."""
+        return asyncio.run(self.serve(slave=slave, seed=seed, idle_exit=idle_exit, handle_signals=True))
+
+    def start(self, argv: Sequence[str] | None = None) -> None:
+        """The command line: ``start [-s]``, ``stop m1 …``, ``status``, ``clear`` (reads ``sys.argv``).
+
+        Exits the process with 0 (ok), 1 (failure) or 2 (usage error).
+        """
+        from .cli import run_spider_cli
+
+        raise SystemExit(run_spider_cli(self, argv))
+
+    # -- HTTP -----------------------------------------------------------------------
+
+    async def async_web_request(self, item: Item | dict[str, Any], *, session: Any = None, **legacy: Any) -> Any:
+        """One HTTP request described by ``item`` through the loop's shared aiohttp session.
+
+        Retries connection errors, timeouts and 5xx/429 responses with backoff up to
+        ``item.max_retry`` tries in total; a ``check_html(text)`` method on the loop
+        may reject a body (then it retries). Returns a
+        :class:`~achihuo_mini.http.Response`; raises
+        :class:`~achihuo_mini.errors.RequestError` after the last try. ``session``,
+        ``keep_alive`` and ``check_html`` keywords of seed-era code are accepted.
+        """
+        from .http import request
+
+        if self._http is None:
+            from .http import HttpClient
+
+            self._http = HttpClient(self)
+        return await request(self._http, item, session=session, **legacy)
+
+    async def _close_http(self) -> None:
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.close()

@@ -1,0 +1,320 @@
+"""The task loop on every backend: concurrency, priority, dedup, children, stop, failures."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from achihuo_mini import AsyncLoop, Item, Retry, Task
+from achihuo_mini.backend import NewTask
+from achihuo_mini.codec import decode_task, encode_task, name_key
+
+from .conftest import SpiderFactory
+
+
+class Recorder(AsyncLoop):
+    """Records what ran; ``h`` is a no-op handler that marks its name done."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("concurrency", 4)
+        super().__init__(**kwargs)
+        self.ran: list[Any] = []
+        self.running = 0
+        self.peak = 0
+
+    async def h(self, value: Any, name: str | None = None) -> None:
+        self.ran.append(value)
+        if name is not None:
+            self.task_done(name)
+
+
+async def test_concurrency_is_never_exceeded(spiders: SpiderFactory) -> None:
+    class Busy(Recorder):
+        async def work(self, i: int) -> None:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            for _ in range(3):
+                await asyncio.sleep(0)  # interleave with the others without real time passing
+            await asyncio.sleep(0.001)
+            self.running -= 1
+            self.ran.append(i)
+
+    loop = spiders(Busy, concurrency=7)
+    for i in range(150):
+        loop.add_task("work", i)
+    summary = await loop.serve(idle_exit=0)
+    assert sorted(loop.ran) == list(range(150))
+    assert loop.peak == 7, f"peak concurrency {loop.peak}, expected exactly the limit 7"
+    assert summary.succeeded == 150 and summary.exit_code == 0
+
+
+async def test_priority_tasks_run_first(spiders: SpiderFactory) -> None:
+    loop = spiders(Recorder, concurrency=1)
+    for i in range(5):
+        loop.add_task("h", f"plain-{i}")
+    loop.add_task("h", "urgent-1", priority=True)
+    loop.add_task("h", "urgent-2", priority=1)
+    await loop.serve(idle_exit=0)
+    assert loop.ran[:2] == ["urgent-2", "urgent-1"], "the newest priority task runs first"
+    assert loop.ran[2:] == [f"plain-{i}" for i in range(5)]
+
+
+async def test_repeat_false_skips_done_and_pending(spiders: SpiderFactory) -> None:
+    loop = spiders(Recorder, concurrency=2)
+    loop.add_task("h", "first", "a", task_name="a", repeat=False)
+    loop.add_task("h", "pending-dup", "a", task_name="a", repeat=False)  # skipped: pending
+    loop.add_task("h", "repeat-dup", "a", task_name="a")  # repeat=True: always added
+    await loop.serve(idle_exit=0)
+    assert sorted(loop.ran) == ["first", "repeat-dup"]
+    loop.ran.clear()
+    loop.add_task("h", "done-dup", task_name="a", repeat=False)  # skipped: done
+    loop.add_task("h", "b", task_name="b", repeat=False)
+    await loop.serve(idle_exit=0)
+    assert loop.ran == ["b"]
+
+
+async def test_uncache_makes_name_addable_again(spiders: SpiderFactory) -> None:
+    loop = spiders(Recorder)
+    loop.add_task("h", "one", "x", task_name="x", repeat=False)
+    await loop.serve(idle_exit=0)
+    loop.add_task("h", "blocked", task_name="x", repeat=False)
+    await loop.serve(idle_exit=0)
+    assert loop.ran == ["one"]
+    loop.uncache_task("x", "never-done")
+    loop.add_task("h", "again", task_name="x", repeat=False)
+    await loop.serve(idle_exit=0)
+    assert loop.ran == ["one", "again"]
+
+
+async def test_unnamed_tasks_are_never_deduplicated(spiders: SpiderFactory) -> None:
+    loop = spiders(Recorder)
+    for _ in range(3):
+        loop.add_task("h", "same", repeat=False)
+    await loop.serve(idle_exit=0)
+    assert loop.ran == ["same"] * 3
+
+
+async def test_task_added_from_handler_runs(spiders: SpiderFactory) -> None:
+    class Tree(Recorder):
+        async def node(self, depth: int, path: str) -> None:
+            self.ran.append(path)
+            if depth < 3:
+                for child in "ab":
+                    self.add_task("node", depth + 1, path + child, task_name=path + child, repeat=False)
+                self.add_task("node", depth + 1, path + "a", task_name=path + "a", repeat=False)  # a duplicate
+            self.task_done(path)
+
+    loop = spiders(Tree)
+    loop.add_task("node", 0, "r", task_name="r")
+    summary = await loop.serve(idle_exit=0)
+    assert len(loop.ran) == 15 and len(set(loop.ran)) == 15
+    assert summary.succeeded == 15
+
+
+async def test_run_seeds_and_master_consumes(spiders: SpiderFactory) -> None:
+    class Seeded(Recorder):
+        async def run(self) -> None:
+            for i in range(30):
+                self.add_task("h", i, f"n{i}", task_name=f"n{i}", repeat=False)
+
+    loop = spiders(Seeded)
+    await loop.serve(idle_exit=0)
+    assert sorted(loop.ran) == list(range(30))
+    second = await loop.serve(idle_exit=0)  # run() again: every seed is done, nothing re-runs
+    assert sorted(loop.ran) == list(range(30)) and second.succeeded == 0
+    slave = await loop.serve(slave=True, idle_exit=0)
+    assert slave.alias is None or slave.alias.startswith("s")
+
+
+async def test_stop_ends_the_loop(spiders: SpiderFactory) -> None:
+    class Stopper(Recorder):
+        async def h(self, value: Any, name: str | None = None) -> None:
+            self.ran.append(value)
+            if value == "stop-now":
+                self.stop()
+
+    loop = spiders(Stopper, concurrency=1)
+    loop.add_task("h", "stop-now")
+    for i in range(20):
+        loop.add_task("h", i)
+    summary = await asyncio.wait_for(loop.serve(), timeout=30)  # no idle_exit: only stop() ends it
+    assert loop.ran[0] == "stop-now"
+    assert summary.exit_code == 0
+    assert summary.succeeded == len(loop.ran)
+    rest = spiders.subclass(Recorder, loop.name)(config_file=spiders.config)
+    await rest.serve(idle_exit=0)
+    assert sorted(loop.ran[1:] + rest.ran) == list(range(20)), "what the stop left in the queue runs later"
+
+
+async def test_stop_from_outside_while_idle(spiders: SpiderFactory) -> None:
+    loop = spiders(Recorder)
+    serving = asyncio.ensure_future(loop.serve())
+    while loop.alias is None and not serving.done():
+        await asyncio.sleep(0.01)
+    loop.stop()
+    summary = await asyncio.wait_for(serving, timeout=30)
+    assert summary.exit_code == 0
+
+
+async def test_items_round_trip(spiders: SpiderFactory) -> None:
+    got: list[Any] = []
+
+    class Items(Recorder):
+        async def take(self, *args: Any) -> None:
+            got.append(args)
+
+    loop = spiders(Items)
+    item = Item(url="http://x.test/", nested=Item(depth=2, tags=["a", "b"]), raw=b"\x00\xff", n=None, f=1.5)
+    loop.add_task("take", item, [item, {"k": item}], "名字", 2**62, True)
+    await loop.serve(idle_exit=0)
+    ((first, second, text, big, flag),) = got
+    assert type(first) is Item and first == item and type(first.nested) is Item
+    assert first.url == "http://x.test/" and first.missing is None
+    assert type(second[0]) is Item and type(second[1]["k"]) is Item and type(second[1]) is dict
+    assert (text, big, flag) == ("名字", 2**62, True)
+
+
+async def test_failing_task_retries_then_dead_letters(spiders: SpiderFactory) -> None:
+    class Failing(Recorder):
+        async def always(self) -> None:
+            self.ran.append("always")
+            raise ValueError("broken page 42")
+
+        async def twice(self) -> None:
+            self.ran.append("twice")
+            if self.ran.count("twice") <= 2:
+                self.add_task("h", "child-of-failed")  # discarded with the failed attempt
+                raise Retry("not yet", delay=0)
+            self.add_task("h", "child")
+            self.task_done("twice")
+
+    loop = spiders(Failing, max_retries=2, retry_delay=0.01)
+    loop.add_task("always", task_name="always")
+    loop.add_task("twice", task_name="twice")
+    summary = await loop.serve(idle_exit=0)
+    assert loop.ran.count("always") == 3, "one try and two retries"
+    assert loop.ran.count("twice") == 3
+    assert "child" in loop.ran and "child-of-failed" not in loop.ran
+    assert summary.buried == 1 and summary.failed == 5
+    (letter,) = await _dead_letters(loop)
+    assert "ValueError: broken page 42" in letter.error
+    assert decode_task(letter.payload).name == "always"
+    assert letter.failures == 3
+    assert await loop._done.contains([name_key("twice"), name_key("always")]) == [True, False]
+
+
+async def test_per_handler_retry_limit(memory_spiders: SpiderFactory) -> None:
+    class Limited(Recorder):
+        HANDLER_MAX_RETRIES = {"fragile": 0}
+
+        async def fragile(self) -> None:
+            self.ran.append("fragile")
+            raise RuntimeError("no second chance")
+
+    loop = memory_spiders(Limited, retry_delay=0.01)
+    loop.add_task("fragile")
+    summary = await loop.serve(idle_exit=0)
+    assert loop.ran == ["fragile"] and summary.buried == 1
+
+
+async def test_task_timeout_fails_the_task(memory_spiders: SpiderFactory) -> None:
+    class Hanging(Recorder):
+        async def hang(self) -> None:
+            self.ran.append("hang")
+            await asyncio.Event().wait()
+
+    loop = memory_spiders(Hanging, task_timeout=0.05, max_retries=0)
+    loop.add_task("hang")
+    summary = await loop.serve(idle_exit=0)
+    (letter,) = await _dead_letters(loop)
+    assert "task_timeout" in letter.error and summary.buried == 1
+
+
+async def _dead_letters(loop: AsyncLoop) -> list[Any]:
+    await loop._open()
+    try:
+        return await loop._queue.dead_letters()
+    finally:
+        await loop._close_backends()
+
+
+async def _push_raw(loop: AsyncLoop, tasks: list[NewTask]) -> None:
+    await loop._open()
+    try:
+        await loop._queue.push(tasks)
+    finally:
+        await loop._close_backends()
+
+
+async def test_poison_entries_are_buried_and_the_loop_goes_on(spiders: SpiderFactory) -> None:
+    loop = spiders(Recorder)
+    await _push_raw(
+        loop,
+        [
+            NewTask(b"\x01\xc1garbage"),
+            NewTask(b"\x09future format"),
+            NewTask(encode_task("vanished_handler", "n", [])),
+            NewTask(encode_task("stop", None, [])),  # AsyncLoop's own method: never a handler
+            NewTask(encode_task("_private", None, [])),
+            NewTask(encode_task("h", None, ["fine"])),
+        ],
+    )
+    summary = await loop.serve(idle_exit=0)
+    assert loop.ran == ["fine"]
+    assert summary.buried == 5
+    errors = sorted(d.error for d in await _dead_letters(loop))
+    assert sum(e.startswith("undecodable") for e in errors) == 2
+    assert sum("unknown task format" in e for e in errors) == 1
+    assert sum("unknown handler" in e for e in errors) == 3
+
+
+async def test_handler_aliases_map_renamed_handlers(memory_spiders: SpiderFactory) -> None:
+    class Renamed(Recorder):
+        HANDLER_ALIASES = {"old_name": "h"}
+
+    loop = memory_spiders(Renamed)
+    await _push_raw(loop, [NewTask(encode_task("old_name", None, ["via alias"]))])
+    await loop.serve(idle_exit=0)
+    assert loop.ran == ["via alias"]
+
+
+async def test_add_tasks_in_bulk(spiders: SpiderFactory) -> None:
+    class Bulk(Recorder):
+        async def run(self) -> None:
+            await self.add_tasks(Task("h", i, task_name=f"n{i}", repeat=False) for i in range(2500))
+            await self.add_tasks([Task("h", 0, task_name="n0", repeat=False)])  # pending: skipped
+
+    loop = spiders(Bulk, concurrency=16)
+    await loop.serve(idle_exit=0)
+    assert sorted(loop.ran) == list(range(2500))
+
+
+async def test_run_raising_keeps_its_tasks_and_exits_1(spiders: SpiderFactory) -> None:
+    class BadSeed(Recorder):
+        async def run(self) -> None:
+            self.add_task("h", "seeded")
+            raise RuntimeError("seed source down")
+
+    loop = spiders(BadSeed)
+    summary = await loop.serve(idle_exit=0)
+    assert summary.exit_code == 1
+    rest = spiders.subclass(Recorder, loop.name)(config_file=spiders.config)
+    await rest.serve(idle_exit=0)
+    assert loop.ran + rest.ran == ["seeded"]
+
+
+def test_add_task_without_event_loop_writes_at_once(spiders: SpiderFactory) -> None:
+    """A separate script with a same-NAME class adds tasks; a running loop later does them."""
+    spider_cls = spiders.subclass(Recorder)
+    adder = spider_cls(config_file=spiders.config)
+    adder.add_task("h", "from-script", "s", task_name="s", repeat=False)
+    adder.add_task("h", "dup", task_name="s", repeat=False)
+    adder.task_done("already")
+    adder.close()
+    worker = spider_cls(config_file=spiders.config)
+    worker.add_task("h", "skipped", task_name="already", repeat=False)
+    summary = asyncio.run(worker.serve(idle_exit=0))
+    assert worker.ran == ["from-script"] and summary.succeeded == 1
+    worker.close()
