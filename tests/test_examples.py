@@ -1,0 +1,84 @@
+"""The seed README's spider, unchanged but for its URL, crawling a local site in real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+
+from demo_site import make_app  # noqa: E402
+
+
+@pytest.fixture
+async def site() -> AsyncIterator[str]:
+    runner = web.AppRunner(make_app(), access_log=None)
+    await runner.setup()
+    tcp = web.TCPSite(runner, "127.0.0.1", 0)
+    await tcp.start()
+    port = tcp._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}/"
+    await runner.cleanup()
+
+
+async def run_spider(script: Path, *args: str, env: dict[str, str], timeout: float = 60) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), *args, env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("backend", ["redis", "sqlite"])
+async def test_seed_spider_runs_unchanged(site: str, backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    config = tmp_path / "spider.toml"
+    if backend == "redis":
+        url = request.getfixturevalue("redis_url")
+        config.write_text(f'[queue]\nurl = "{url}"\n[done]\nurl = "{url}"\n')  # cache_backend='redis' from the code
+    else:
+        config.write_text('[queue]\nbackend = "sqlite"\n[done]\nbackend = "sqlite"\npath = "done.sqlite3"\n')
+    env = {"START_URL": site, "ACHIHUO_CONFIG": str(config)}
+    script = ROOT / "examples" / "seed_spider.py"
+    code, out, err = await run_spider(script, "clear", "all", "--yes", env=env)
+    assert code == 0, err
+    try:
+        code, out, err = await run_spider(script, "start", "--idle-exit", "0", env=env)
+        assert code == 0, err
+        assert [line for line in out.splitlines() if line.startswith("title:")] == [
+            f"title: Title {i}" for i in range(10)
+        ]
+        assert "queue: " + backend in err, "the backends in use are logged at start"
+        code, out, err = await run_spider(script, "status", "--json", env=env)
+        assert code == 0, err
+        status = json.loads(out)
+        assert status["done"]["count"] == 1
+        assert status["queue"]["ready"] == status["queue"]["leased"] == status["queue"]["dead"] == 0
+        assert status["workers"] == [], "the master unregistered when it stopped"
+        code, out, err = await run_spider(script, "start", "--idle-exit", "0", env=env)
+        assert code == 0 and "title:" in out, "run() seeds again with repeat=True, as the seed's code did"
+    finally:
+        await run_spider(script, "clear", "all", "--yes", env=env)
+
+
+@pytest.mark.processes
+async def test_demo_crawl_on_the_default_backend(tmp_path: Path) -> None:
+    """README command (1): the demo crawl on the embedded default backend, twice."""
+    env = {"XDG_DATA_HOME": str(tmp_path)}
+    script = ROOT / "examples" / "demo_crawl.py"
+    code, out, err = await run_spider(script, env=env)
+    assert code == 0, err
+    assert len(out.splitlines()) == 61, "the index and 60 pages, each once"
+    assert "sqlite at " + str(tmp_path) in err
+    code, out, err = await run_spider(script, env=env)
+    assert code == 0 and out == "", "everything is done already: nothing is fetched again"
