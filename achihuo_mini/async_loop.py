@@ -611,6 +611,7 @@ class AsyncLoop:
         self._wake = asyncio.Event()
         self._stop_event = asyncio.Event()
         self._flush_wanted = asyncio.Event()
+        self._beat_now = asyncio.Event()
         self._summary = RunSummary()
         self._started_wall = time.time()
         started = time.monotonic()
@@ -626,6 +627,13 @@ class AsyncLoop:
                 installed = [signal.SIGTERM, signal.SIGINT]
             await self._open()
             self._log_start(role)
+            durability = getattr(self._queue, "durability", None)
+            if durability == "volatile" and self._option("require_durable"):
+                raise ConfigError(
+                    f"require_durable is set but the {self.settings.queue.backend} queue at "
+                    f"{self._queue.location} is volatile (no persistence configured)"
+                )
+            self._seeding = not slave and seed
             if isinstance(self._queue, WorkerRegistry):
                 await self._queue.recover()
                 self.alias = await self._queue.register(
@@ -633,16 +641,15 @@ class AsyncLoop:
                 )
                 summary.alias = self.alias
                 log.info("%s: registered as %s (worker %s)", self.name, self.alias, self._worker[:8])
-            if not slave and seed:
-                self._seeding = True
+            if self._seeding:
                 seeder = asyncio.create_task(self._seed(), name=f"{self.name}-seed")
             background = [
                 asyncio.create_task(self._committer(), name=f"{self.name}-committer"),
                 asyncio.create_task(self._heartbeat(role), name=f"{self.name}-heartbeat"),
             ]
             await self._dispatch(idle_exit, seeder)
-        except BackendError as exc:
-            log.error("%s: backend failed: %s", self.name, exc)
+        except (BackendError, ConfigError) as exc:
+            log.error("%s: %s", self.name, exc)
             summary.exit_code = 1
             summary.reason = str(exc)
         finally:
@@ -667,16 +674,19 @@ class AsyncLoop:
             self.stop()
         finally:
             self._seeding = False
+            self._beat_now.set()  # tell the other workers at once: idleness depends on it
 
     def _log_start(self, role: str) -> None:
         s = self.settings
+        durability = getattr(self._queue, "durability", None)
         log.info(
-            "%s: starting as %s, concurrency %d; queue: %s at %s; done set: %s at %s%s",
+            "%s: starting as %s, concurrency %d; queue: %s at %s%s; done set: %s at %s%s",
             self.name,
             role,
             self.concurrency,
             s.queue.backend,
             self._queue.location,
+            f" (durability: {durability})" if durability else "",
             s.done.backend,
             self._done.location,
             "" if self._shared else " (separate: done names are written before acks)",
@@ -929,10 +939,11 @@ class AsyncLoop:
         last_ok = time.monotonic()
         while True:
             before = time.monotonic()
-            await asyncio.sleep(interval)
-            lag = time.monotonic() - before - interval
-            if lag > 1.0:
-                log.warning("%s: event loop lagged %.1f s (a handler is blocking it?)", self.name, lag)
+            if not await _wait(self._beat_now, interval):
+                lag = time.monotonic() - before - interval
+                if lag > 1.0:
+                    log.warning("%s: event loop lagged %.1f s (a handler is blocking it?)", self.name, lag)
+            self._beat_now.clear()
             if not isinstance(queue, WorkerRegistry):
                 continue
             try:
