@@ -635,7 +635,9 @@ class AsyncLoop:
                 )
             self._seeding = not slave and seed
             if isinstance(self._queue, WorkerRegistry):
-                await self._queue.recover()
+                recovered = await self._queue.recover()
+                if recovered:
+                    log.warning("%s: recovered %d tasks of dead workers", self.name, recovered)
                 self.alias = await self._queue.register(
                     self._worker, role, self._info(role), self._option("lease_timeout")
                 )
@@ -965,7 +967,9 @@ class AsyncLoop:
                     if command == "stop":
                         log.info("%s: stop command received", self.name)
                         self.stop()
-                await queue.recover()
+                recovered = await queue.recover()
+                if recovered:
+                    log.warning("%s: recovered %d tasks of dead workers", self.name, recovered)
             except BackendError as exc:
                 log.warning("%s: heartbeat failed: %s", self.name, exc)
             if next_progress is not None and time.monotonic() >= next_progress:
