@@ -1,0 +1,535 @@
+"""SQLite-specific behaviour beyond the contract suite: files, schema, processes, the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sqlite3
+import stat
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from achihuo_mini.backend import Commit, Lease, NewTask, QueueStats
+from achihuo_mini.codec import name_key
+from achihuo_mini.config import build_backend_options
+from achihuo_mini.errors import BackendError, BackendUnavailable, ConfigError
+from achihuo_mini.plugins import registry, safe_filename
+from achihuo_mini_backends import sqlite as sqlite_backend
+from achihuo_mini_backends.memory import MemoryDoneSet, MemoryQueue, drop_namespace
+from achihuo_mini_backends.sqlite import SCHEMA_VERSION, SqliteDoneSet, SqliteQueue
+
+WORKER_SCRIPT = Path(__file__).parent / "procs" / "sqlite_worker.py"
+K = name_key
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "loops.sqlite3"
+
+
+@pytest.fixture
+async def opened() -> AsyncIterator[list[SqliteQueue | SqliteDoneSet]]:
+    """Backends a test opened; closed afterwards."""
+    backends: list[SqliteQueue | SqliteDoneSet] = []
+    yield backends
+    for b in backends:
+        await b.close()
+
+
+async def _queue(opened: list[Any], namespace: str, path: Path, **options: Any) -> SqliteQueue:
+    q = SqliteQueue(namespace, path=path, **options)
+    await q.open()
+    opened.append(q)
+    return q
+
+
+async def _done(opened: list[Any], namespace: str, path: Path) -> SqliteDoneSet:
+    d = SqliteDoneSet(namespace, path=path)
+    await d.open()
+    opened.append(d)
+    return d
+
+
+def _check_consistent(path: Path, namespace: str) -> None:
+    """The namespace counters and pending counts agree with the rows they summarise."""
+    with sqlite3.connect(path) as c:
+        row = c.execute(
+            "SELECT id, ready, delayed, leased, dead, done FROM namespaces WHERE name = ?", (namespace.encode(),)
+        ).fetchone()
+        ns, counters = row[0], row[1:]
+        real = c.execute(
+            "SELECT (SELECT count(*) FROM tasks WHERE ns = :ns AND pos IS NOT NULL),"
+            " (SELECT count(*) FROM tasks WHERE ns = :ns AND due IS NOT NULL),"
+            " (SELECT count(*) FROM tasks WHERE ns = :ns AND worker IS NOT NULL),"
+            " (SELECT count(*) FROM dead WHERE ns = :ns),"
+            " (SELECT count(*) FROM done WHERE ns = :ns)",
+            {"ns": ns},
+        ).fetchone()
+        assert tuple(counters) == tuple(real)
+        keyed = dict(c.execute("SELECT key, count(*) FROM tasks WHERE ns = ? AND key IS NOT NULL GROUP BY key", (ns,)))
+        pending = dict(c.execute("SELECT key, n FROM pending WHERE ns = ?", (ns,)))
+        assert keyed == pending
+    c.close()
+
+
+def _mode(path: Path) -> int:
+    """Permission bits of ``path`` (fails when it does not exist)."""
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _resolved(path: Path) -> Path:
+    return path.resolve()
+
+
+def _write(path: Path, content: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+
+
+def _new_sqlite_threads(before: set[threading.Thread]) -> list[threading.Thread]:
+    """Backend worker threads alive now that were not alive at ``before``."""
+    return [t for t in threading.enumerate() if t not in before and t.name.startswith("achihuo-sqlite")]
+
+
+async def _wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+# -- files -------------------------------------------------------------------------
+
+
+async def test_file_created_0600_in_wal_mode(db: Path, opened: list[Any]) -> None:
+    assert not db.parent.exists()
+    q = await _queue(opened, "files", db)
+    assert await q.push([NewTask(b"x")]) == 1  # the WAL file exists once something was written
+    assert _mode(db) == 0o600
+    assert _mode(db.parent) == 0o700
+    for suffix in ("-wal", "-shm"):
+        assert _mode(db.with_name(db.name + suffix)) == 0o600, suffix
+    with sqlite3.connect(db) as c:
+        assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    c.close()
+    assert q.location == str(db) and str(db) in repr(q)
+
+
+async def test_default_path_under_xdg_data_home(opened: list[Any]) -> None:
+    spec = registry.get("sqlite")
+    assert spec.scope == "host"
+    assert set(spec.options) >= {"path", "busy_timeout"}
+    options = build_backend_options(spec, {}, source="test")
+    assert options["path"] is None and options["busy_timeout"] == 30.0
+    name = "My Spider/名字"
+    assert spec.create_queue is not None and spec.create_done_set is not None
+    q = spec.create_queue(name, dict(options))
+    d = spec.create_done_set(name, dict(options))
+    expected = _resolved(Path(os.environ["XDG_DATA_HOME"])) / "achihuo_mini" / (safe_filename(name) + ".sqlite3")
+    assert q.location == d.location == str(expected)
+    await q.open()
+    opened.append(q)
+    await d.open()
+    opened.append(d)
+    assert _mode(expected) == 0o600
+    assert q.shares_done_set(d)
+
+
+async def test_bad_options_are_config_errors(db: Path) -> None:
+    with pytest.raises(ConfigError, match="busy_timeout"):
+        SqliteQueue("x", path=db, busy_timeout=-1)
+    with pytest.raises(ConfigError, match="poll_interval"):
+        SqliteQueue("x", path=db, poll_interval=0)
+
+
+async def test_shares_done_set_only_same_file_and_namespace(tmp_path: Path) -> None:
+    q = SqliteQueue("a", path=tmp_path / "one.sqlite3")
+    assert q.shares_done_set(SqliteDoneSet("a", path=tmp_path / "sub" / ".." / "one.sqlite3"))
+    assert not q.shares_done_set(SqliteDoneSet("b", path=tmp_path / "one.sqlite3"))
+    assert not q.shares_done_set(SqliteDoneSet("a", path=tmp_path / "two.sqlite3"))
+    assert not q.shares_done_set(MemoryDoneSet("a"))
+
+
+# -- several loops in one file -------------------------------------------------------
+
+
+async def test_two_namespaces_in_one_file(db: Path, opened: list[Any]) -> None:
+    qa, qb = await _queue(opened, "loop-a", db), await _queue(opened, "loop-b", db)
+    da, db_ = await _done(opened, "loop-a", db), await _done(opened, "loop-b", db)
+    assert qa.shares_done_set(da) and not qa.shares_done_set(db_)
+    await qa.push([NewTask(b"a1", key=K("n"), unique=True), NewTask(b"a2"), NewTask(b"a3", delay=3600)])
+    await da.add([K("done-a")])
+    assert await qb.push([NewTask(b"b1", key=K("n"), unique=True)]) == 1, "pending of loop-a is not loop-b's"
+    assert await qb.push([NewTask(b"b2", key=K("done-a"), unique=True)]) == 1, "done of loop-a is not loop-b's"
+    assert await qa.push([NewTask(b"a4", key=K("done-a"), unique=True)]) == 0
+    (lease_a,) = await qa.reserve("w", 1)
+    await qa.bury([(lease_a, "boom")])
+    assert await qa.stats() == QueueStats(ready=1, delayed=1, leased=0, dead=1)
+    assert await qb.stats() == QueueStats(ready=2, delayed=0, leased=0, dead=0)
+    assert await qb.dead_letters() == []
+    assert (await da.count(), await db_.count()) == (1, 0)
+    assert await qa.register("wa", "master", {}, 30) == "m1"
+    assert await qb.register("wb", "master", {}, 30) == "m1", "aliases are per loop"
+    assert await qb.send(["m1"], "stop") == ["m1"]
+    assert await qa.heartbeat("wa", {}, 30) == [], "commands are per loop"
+    assert await qb.heartbeat("wb", {}, 30) == ["stop"]
+    assert await qa.recover() == 0
+    await qb.clear("queue")
+    assert await qa.stats() == QueueStats(ready=1, delayed=1, leased=0, dead=1)
+    assert [lease.payload for lease in await qa.reserve("w", 5)] == [b"a2"]
+    for ns in ("loop-a", "loop-b"):
+        _check_consistent(db, ns)
+
+
+# -- schema and bad files ------------------------------------------------------------
+
+
+async def test_newer_schema_is_refused(db: Path, opened: list[Any]) -> None:
+    q = await _queue(opened, "x", db)
+    await q.close()
+    with sqlite3.connect(db) as c:
+        c.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    c.close()
+    before = set(threading.enumerate())
+    with pytest.raises(BackendError, match=rf"schema version {SCHEMA_VERSION + 1} .*newer achihuo_mini") as info:
+        await SqliteQueue("x", path=db).open()
+    assert not isinstance(info.value, BackendUnavailable)
+    assert str(db) in str(info.value)
+    await _wait_for(lambda: not _new_sqlite_threads(before))  # a failed open stops its thread
+
+
+async def test_foreign_database_is_refused(db: Path) -> None:
+    db.parent.mkdir()
+    with sqlite3.connect(db) as c:
+        c.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+    c.close()
+    with pytest.raises(BackendError, match="another application"):
+        await SqliteQueue("x", path=db).open()
+
+
+@pytest.mark.parametrize("content", [b"this is not a database\n" * 200, os.urandom(8192)])
+async def test_not_a_database_is_a_clear_error(db: Path, content: bytes) -> None:
+    _write(db, content)
+    q = SqliteQueue("x", path=db)
+    with pytest.raises(BackendError, match="not an SQLite database") as info:
+        await q.open()
+    assert type(info.value) is BackendError, "retrying will not help: not BackendUnavailable"
+    assert isinstance(info.value.__cause__, sqlite3.DatabaseError)
+    assert str(db) in str(info.value)
+    with pytest.raises(BackendError, match="not open"):
+        await q.stats()
+
+
+async def test_close_is_idempotent_and_stops_the_thread(db: Path) -> None:
+    before = set(threading.enumerate())
+    q = SqliteQueue("x", path=db)
+    await q.open()
+    await q.push([NewTask(b"x")])
+    (own,) = _new_sqlite_threads(before)
+    await q.close()
+    await q.close()
+    await _wait_for(lambda: not own.is_alive())
+    with pytest.raises(BackendError, match="not open"):
+        await q.push([NewTask(b"y")])
+    await q.open()  # reopening works and sees the data
+    assert (await q.stats()).ready == 1
+    await q.close()
+
+
+async def test_concurrent_open_waits_for_the_connection(db: Path) -> None:
+    q = SqliteQueue("x", path=db)
+    await asyncio.gather(q.open(), q.open(), q.open())
+    assert await q.push([NewTask(b"x")]) == 1
+    await q.close()
+    _write(db.with_name("garbage.sqlite3"), b"not a database" * 100)
+    bad = SqliteQueue("x", path=db.with_name("garbage.sqlite3"))
+    results = await asyncio.gather(bad.open(), bad.open(), return_exceptions=True)
+    assert all(isinstance(r, BackendError) for r in results), results
+    await bad.close()
+
+
+async def test_lock_wait_happens_off_the_event_loop(db: Path, opened: list[Any]) -> None:
+    """Another process holds the write lock: the call waits busy_timeout in its thread, then is unavailable."""
+    q = await _queue(opened, "x", db, busy_timeout=0.5)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        gaps: list[float] = []
+        stop = asyncio.Event()
+
+        async def monitor() -> None:
+            while not stop.is_set():
+                t = time.perf_counter()
+                await asyncio.sleep(0.001)
+                gaps.append(time.perf_counter() - t)
+
+        task = asyncio.ensure_future(monitor())
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable, match="locked") as info:
+            await q.push([NewTask(b"x")])
+        waited = time.monotonic() - started
+        stop.set()
+        await task
+        assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+        assert waited >= 0.4
+        assert len(gaps) > 20 and max(gaps) < 0.2, f"event loop blocked for {max(gaps):.3f} s"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert await q.push([NewTask(b"x")]) == 1
+
+
+def test_hot_queries_use_indexes(tmp_path: Path) -> None:
+    path = tmp_path / "plan.sqlite3"
+    asyncio.run(_create(path))
+    with sqlite3.connect(path) as c:
+        for name in dir(sqlite_backend):
+            if not name.startswith("SQL_") or name == "SQL_INSERT" or not name.isupper():
+                continue
+            sql: str = getattr(sqlite_backend, name)
+            if not sql.lstrip().upper().startswith("SELECT"):
+                continue
+            plan = " | ".join(row[3] for row in c.execute("EXPLAIN QUERY PLAN " + sql, (1,) * sql.count("?")))
+            assert "SCAN" not in plan, f"{name}: {plan}"
+            assert "TEMP B-TREE" not in plan or name == "SQL_ORPHANS", f"{name}: {plan}"
+    c.close()
+
+
+async def _create(path: Path) -> None:
+    q = SqliteQueue("x", path=path)
+    await q.open()
+    await q.close()
+
+
+# -- same semantics as the reference (memory) backend ------------------------------------
+
+
+async def test_random_operations_match_memory_backend(db: Path, opened: list[Any]) -> None:
+    """A seeded random sequence of every operation gives the same answers as the memory backend."""
+    namespace = f"diff-{uuid.uuid4().hex[:8]}"
+    mq, md = MemoryQueue(namespace), MemoryDoneSet(namespace)
+    sq, sd = await _queue(opened, namespace, db), await _done(opened, namespace, db)
+    rng = random.Random(1234)
+    held: list[tuple[Lease, Lease]] = []  # (memory lease, sqlite lease) pairs
+    stale: list[tuple[Lease, Lease]] = []
+    counter = 0
+
+    def new_tasks() -> list[NewTask]:
+        nonlocal counter
+        out = []
+        for _ in range(rng.randint(0, 6)):
+            counter += 1
+            key = K(f"k{rng.randint(0, 12)}") if rng.random() < 0.7 else None
+            delay = 3600.0 if rng.random() < 0.1 else 0.0
+            out.append(NewTask(f"t{counter}".encode(), key, rng.random() < 0.5, rng.random() < 0.3, delay))
+        return out
+
+    def take(n: int) -> list[tuple[Lease, Lease]]:
+        rng.shuffle(held)
+        chosen = held[:n]
+        del held[:n]
+        stale.extend(chosen)
+        return chosen + ([rng.choice(stale)] if stale and rng.random() < 0.3 else [])
+
+    try:
+        for step in range(400):
+            op = rng.choice(["push", "reserve", "reserve", "commit", "release", "retry", "bury", "requeue", "done"])
+            if op == "push":
+                tasks = new_tasks()
+                assert await mq.push(tasks) == await sq.push(tasks), step
+            elif op == "reserve":
+                worker, limit = rng.choice(["w1", "w2"]), rng.randint(1, 5)  # memory promotes even at 0
+                m, s = await mq.reserve(worker, limit), await sq.reserve(worker, limit)
+                assert [(x.payload, x.key, x.attempt, x.failures) for x in m] == [
+                    (x.payload, x.key, x.attempt, x.failures) for x in s
+                ], step
+                held.extend(zip(m, s, strict=True))
+            elif op == "commit":
+                pairs = take(rng.randint(0, 3))
+                done = [K(f"k{rng.randint(0, 12)}")] if rng.random() < 0.5 else []
+                undone = [K(f"k{rng.randint(0, 12)}")] if rng.random() < 0.3 else []
+                children = new_tasks()
+                m_n = await mq.commit([Commit(a, done, undone, children) for a, _ in pairs])
+                assert m_n == await sq.commit([Commit(b, done, undone, children) for _, b in pairs]), step
+            elif op == "release":
+                pairs = take(rng.randint(0, 3))
+                assert await mq.release([a for a, _ in pairs]) == await sq.release([b for _, b in pairs]), step
+            elif op == "retry":
+                pairs = take(rng.randint(0, 2))
+                assert await mq.retry([(a, 0.0) for a, _ in pairs]) == await sq.retry([(b, 0.0) for _, b in pairs])
+            elif op == "bury":
+                pairs = take(rng.randint(0, 2))
+                m_n = await mq.bury([(a, f"err {step}") for a, _ in pairs])
+                assert m_n == await sq.bury([(b, f"err {step}") for _, b in pairs]), step
+            elif op == "requeue":
+                how_many = rng.choice([None, 1, 2])
+                assert await mq.requeue_dead(how_many) == await sq.requeue_dead(how_many), step
+            else:
+                keys = [K(f"k{rng.randint(0, 12)}") for _ in range(3)]
+                assert await md.add(keys) == await sd.add(keys)
+                assert await md.remove(keys[:1]) == await sd.remove(keys[:1])
+            assert await mq.stats() == await sq.stats(), step
+            assert await md.count() == await sd.count(), step
+            m_dead, s_dead = await mq.dead_letters(), await sq.dead_letters()
+            assert [(d.payload, d.key, d.error, d.failures) for d in m_dead] == [
+                (d.payload, d.key, d.error, d.failures) for d in s_dead
+            ], step
+        _check_consistent(db, namespace)
+    finally:
+        drop_namespace(namespace)
+
+
+# -- real processes ------------------------------------------------------------------
+
+
+async def _start_consumers(db: Path, namespace: str, out_dir: Path, n: int, batch: int) -> list[Any]:
+    """Start ``n`` consumer processes, wait until each has opened the file, then start them at once."""
+    procs = []
+    for i in range(n):
+        procs.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(WORKER_SCRIPT),
+                "consume",
+                str(db),
+                namespace,
+                str(out_dir / f"out-{i}.txt"),
+                str(batch),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        )
+    for p in procs:
+        assert p.stdout is not None and p.stdin is not None
+        line = await asyncio.wait_for(p.stdout.readline(), 30)
+        if line.strip() != b"ready":
+            _, err = await p.communicate()
+            pytest.fail(f"worker did not start: {err.decode(errors='replace')}")
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write(b"go\n")
+        await p.stdin.drain()
+    return procs
+
+
+async def _finish(procs: list[Any]) -> None:
+    for p in procs:
+        _, err = await asyncio.wait_for(p.communicate(), 60)
+        assert p.returncode == 0, err.decode(errors="replace")
+
+
+@pytest.mark.processes
+async def test_four_processes_deliver_each_task_exactly_once(db: Path, tmp_path: Path, opened: list[Any]) -> None:
+    namespace = "multi-proc"
+    q = await _queue(opened, namespace, db)
+    payloads = {f"task-{i}" for i in range(4000)}
+    assert await q.push([NewTask(p.encode(), key=K(p), unique=True) for p in sorted(payloads)]) == 4000
+    procs = await _start_consumers(db, namespace, tmp_path, 4, batch=10)
+    await _finish(procs)
+    delivered = [line for i in range(4) for line in (tmp_path / f"out-{i}.txt").read_text().splitlines()]
+    per_process = [len((tmp_path / f"out-{i}.txt").read_text().splitlines()) for i in range(4)]
+    assert len(delivered) == len(set(delivered)), "a task was delivered twice"
+    assert set(delivered) == payloads, "a task was lost"
+    assert sum(1 for n in per_process if n > 0) >= 2, f"the processes did not run concurrently: {per_process}"
+    assert await q.stats() == QueueStats(0, 0, 0, 0)
+    _check_consistent(db, namespace)
+
+
+@pytest.mark.processes
+async def test_second_open_keeps_this_process_locks(db: Path, opened: list[Any]) -> None:
+    """Opening another instance on an open file must not drop this process's POSIX locks.
+
+    If it did, another process closing its connection would think it was the last
+    one and delete the WAL index (-shm) under our open connections.
+    """
+    first = await _queue(opened, "first", db)
+    await first.push([NewTask(b"x")])
+    await _queue(opened, "second", db)  # same file, same process
+    pusher = await asyncio.create_subprocess_exec(
+        sys.executable, str(WORKER_SCRIPT), "push", str(db), "first", "2", stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(pusher.communicate(), 30)
+    assert pusher.returncode == 0, err.decode(errors="replace")
+    assert db.with_name(db.name + "-shm").exists(), "another process deleted the WAL index: our locks were lost"
+    assert (await first.stats()).ready == 3
+    _check_consistent(db, "first")
+
+
+@pytest.mark.processes
+async def test_idle_wait_sees_another_process_push(db: Path, opened: list[Any]) -> None:
+    q = await _queue(opened, "notify", db)
+    started = time.monotonic()
+    await q.wait_for_tasks(0.1)
+    assert 0.08 <= time.monotonic() - started < 5
+    waiter = asyncio.ensure_future(q.wait_for_tasks(30))
+    pusher = await asyncio.create_subprocess_exec(
+        sys.executable, str(WORKER_SCRIPT), "push", str(db), "notify", "3", stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(pusher.communicate(), 30)
+    assert pusher.returncode == 0, err.decode(errors="replace")
+    await asyncio.wait_for(waiter, 5)
+    assert (await q.stats()).ready == 3
+
+
+async def test_idle_wait_returns_when_a_delayed_task_is_due(db: Path, opened: list[Any]) -> None:
+    q = await _queue(opened, "due", db, poll_interval=10.0)
+    await q.push([NewTask(b"later", delay=0.2)])
+    started = time.monotonic()
+    await asyncio.wait_for(q.wait_for_tasks(30), 5)
+    assert time.monotonic() - started < 2
+    assert [lease.payload for lease in await q.reserve("w", 1)] == [b"later"]
+
+
+@pytest.mark.processes
+async def test_event_loop_not_blocked_under_load(db: Path, tmp_path: Path, opened: list[Any]) -> None:
+    """4 processes hammer the file while this loop reserves and commits; record the longest loop stall."""
+    namespace = "lag"
+    bulk = await _queue(opened, namespace, db)
+    await bulk.push([NewTask(f"bulk-{i}".encode()) for i in range(6000)])
+    q = await _queue(opened, "lag-own", db)  # same file, so the same write lock; own tasks
+    procs = await _start_consumers(db, namespace, tmp_path, 4, batch=5)
+    gaps: list[float] = []
+    calls: list[float] = []
+    stop = asyncio.Event()
+
+    async def monitor() -> None:
+        while not stop.is_set():
+            t = time.perf_counter()
+            await asyncio.sleep(0.001)
+            gaps.append(time.perf_counter() - t - 0.001)
+
+    async def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            t = time.perf_counter()
+            await q.push([NewTask(f"own-{i}-{j}".encode()) for j in range(5)])
+            leases = await q.reserve("in-test", 5)
+            await q.commit([Commit(lease) for lease in leases])
+            calls.append(time.perf_counter() - t)
+            i += 1
+
+    tasks = [asyncio.ensure_future(monitor()), asyncio.ensure_future(churn())]
+    try:
+        await _finish(procs)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    worst = max(gaps)
+    print(
+        f"\nevent loop under load: {len(gaps)} wake-ups, max stall {worst * 1e3:.1f} ms, "
+        f"p99 {sorted(gaps)[int(len(gaps) * 0.99)] * 1e3:.1f} ms; "
+        f"push+reserve+commit: {len(calls)} rounds, max {max(calls) * 1e3:.1f} ms"
+    )
+    assert worst < 0.5, f"the event loop was blocked for {worst:.3f} s"
+    assert await bulk.stats() == await q.stats() == QueueStats(0, 0, 0, 0)
+    _check_consistent(db, namespace)
