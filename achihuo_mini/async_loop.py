@@ -377,9 +377,10 @@ class AsyncLoop:
         and ``EncodeError`` (a ``TypeError``) for arguments that cannot be stored.
 
         Inside a handler the task is written together with the handler's ack (and
-        discarded if the handler fails); elsewhere in the running loop it is
+        discarded if the handler fails); elsewhere in the serving loop it is
         flushed within ``flush_interval``; with no running event loop it is
-        written before this returns.
+        written before this returns. In an event loop that is not serving this
+        loop, it is buffered until ``await flush()`` or ``serve()``.
         """
         task = self._new_task(generator_name, args, task_name, repeat, priority, delay)
         self._route(tasks=[task])
@@ -433,14 +434,15 @@ class AsyncLoop:
         if running is None:
             self._write_now(tasks, done or {})
             return
+        # In an event loop: buffered. The serving loop flushes within flush_interval;
+        # an event loop that is not serving must ``await flush()`` (serve() also
+        # flushes what was buffered before it started).
         self._outbox.add(tasks)
         self._outbox.done.update(done or {})
         if self._serving and running is self._aloop:
             self._summary.added += len(tasks)
             if len(self._outbox.tasks) >= _BULK_CHUNK and self._flush_wanted is not None:
                 self._flush_wanted.set()
-        else:  # an event loop that is not serving this loop: flush soon on it
-            running.create_task(self.flush())
 
     def _write_now(self, tasks: Sequence[NewTask], done: dict[bytes, bool]) -> None:
         """No event loop is running: write synchronously through a private one."""
@@ -633,6 +635,7 @@ class AsyncLoop:
                     f"require_durable is set but the {self.settings.queue.backend} queue at "
                     f"{self._queue.location} is volatile (no persistence configured)"
                 )
+            await self.flush()  # what was added before serve() started
             self._seeding = not slave and seed
             if isinstance(self._queue, WorkerRegistry):
                 recovered = await self._queue.recover()

@@ -97,6 +97,8 @@ def run_spider_cli(loop: AsyncLoop, argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="{start,stop,status,clear,dead}", required=True)
     _add_commands(sub)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.command == "start" and args.slave and args.no_run:
+        parser.error("--no-run is for masters; a slave never calls run()")
     return _run(loop, args)
 
 
@@ -109,9 +111,6 @@ def _run(loop: AsyncLoop, args: argparse.Namespace) -> int:
             loop._configure({k: v for k, v in cli.items() if v is not None})
         _setup_logging(loop.settings.loop["log_level"], loop.debug)
         if args.command == "start":
-            if args.slave and args.no_run:
-                print("--no-run is for masters; a slave never calls run()", file=sys.stderr)
-                return 2
             summary = asyncio.run(
                 loop.serve(slave=args.slave, seed=not args.no_run, idle_exit=args.idle_exit, handle_signals=True)
             )

@@ -159,6 +159,8 @@ class MemoryQueue:
 
     async def reserve(self, worker: str, limit: int) -> list[Lease]:
         s = self._s
+        if limit <= 0:
+            return []
         if s.delayed:
             self._promote_due()
         out: list[Lease] = []

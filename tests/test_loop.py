@@ -202,7 +202,11 @@ async def test_failing_task_retries_then_dead_letters(spiders: SpiderFactory) ->
     assert "ValueError: broken page 42" in letter.error
     assert decode_task(letter.payload).name == "always"
     assert letter.failures == 3
-    assert await loop._done.contains([name_key("twice"), name_key("always")]) == [True, False]
+    await loop._open()
+    try:
+        assert await loop._done.contains([name_key("twice"), name_key("always")]) == [True, False]
+    finally:
+        await loop._close_backends()
 
 
 async def test_per_handler_retry_limit(memory_spiders: SpiderFactory) -> None:
@@ -283,8 +287,8 @@ async def test_handler_aliases_map_renamed_handlers(memory_spiders: SpiderFactor
 async def test_add_tasks_in_bulk(spiders: SpiderFactory) -> None:
     class Bulk(Recorder):
         async def run(self) -> None:
-            await self.add_tasks(Task("h", i, task_name=f"n{i}", repeat=False) for i in range(2500))
-            await self.add_tasks([Task("h", 0, task_name="n0", repeat=False)])  # pending: skipped
+            tasks = [Task("h", i, f"n{i}", task_name=f"n{i}", repeat=False) for i in range(2500)]
+            await self.add_tasks(tasks + [Task("h", 0, task_name="n0", repeat=False)])  # pending or done: skipped
 
     loop = spiders(Bulk, concurrency=16)
     await loop.serve(idle_exit=0)
