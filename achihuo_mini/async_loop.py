@@ -505,7 +505,22 @@ class AsyncLoop:
             await q.push(tasks)
 
     async def flush(self) -> None:
-        """Write everything added outside handlers now."""
+        """Write everything added outside handlers now.
+
+        While the loop is serving, a backend outage makes this wait and retry
+        (the loop is paused anyway); otherwise it raises ``BackendUnavailable``
+        with the writes kept for the next try.
+        """
+        while True:
+            try:
+                await self._flush_once()
+                return
+            except BackendUnavailable as exc:
+                if not self._serving or self._stop_requested:
+                    raise
+                await self._backend_down(exc)
+
+    async def _flush_once(self) -> None:
         if not self._outbox:
             return
         if not self._opened:
@@ -669,7 +684,7 @@ class AsyncLoop:
     async def _seed(self) -> None:
         try:
             await self.run()
-            await self.flush()
+            await self.flush()  # seeding is over only when the seeds are written
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -724,7 +739,12 @@ class AsyncLoop:
                 continue
             # nothing ready
             if idle_exit is not None and not self._running and self._quiet(seeder):
-                if await self._globally_idle():
+                try:
+                    idle = await self._globally_idle()
+                except BackendUnavailable as exc:
+                    await self._backend_down(exc)
+                    continue
+                if idle:
                     now = time.monotonic()
                     idle_since = idle_since or now
                     if now - idle_since >= idle_exit:

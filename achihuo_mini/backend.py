@@ -32,7 +32,10 @@ head; retried and delayed tasks go to the tail when their delay expires.
 Every method takes and returns batches: the loop's hot path is about two backend
 round trips per batch of tasks, never one per task. Every method is atomic with
 respect to other processes using the same backend (``scope`` says which
-processes can share it). Empty batches are allowed and do nothing.
+processes can share it). Empty batches are allowed and do nothing. A call that
+is cancelled or fails with a connection error may or may not have been applied;
+fencing makes repeating it safe, and leases taken by a lost ``reserve`` come back
+through ``unregister``/``recover``.
 
 Optional abilities are separate protocols: :class:`WorkerRegistry` (heartbeats,
 aliases, remote commands, recovery of dead workers' leases) and

@@ -227,3 +227,75 @@ async def test_children_survive_sigkill_right_after_the_handler(crawl: Any) -> N
         second = c.start("--idle-exit", "0.5", TASKS=10, CHILDREN=3)
         assert await c.wait_exit(second, timeout=60) == 0, c.logs()
         await c.assert_all_done(names(10 + 10 * 3))
+
+
+class PersistentRedis:
+    """A redis-server of this test's own, with AOF (appendfsync always), that can be restarted."""
+
+    def __init__(self, tmp: Path) -> None:
+        import shutil
+        import socket
+
+        exe = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
+        if not exe:
+            pytest.fail("redis-server is needed for the restart test (apt-get install redis-server)", pytrace=False)
+        self.exe = exe
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.dir = tmp / "redis-data"
+        self.dir.mkdir()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import socket
+
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("the test's redis-server did not start", pytrace=False)
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+
+async def test_redis_restart_mid_run(tmp_path: Path) -> None:
+    server = PersistentRedis(tmp_path)
+    server.start()
+    try:
+        async with Crawl("redis", {"url": server.url}, tmp_path, concurrency=10) as c:
+            durable = getattr(c.queue, "durability", None)
+            assert durable == "always", f"the test server persists every write, the backend says {durable!r}"
+            worker = c.start("--idle-exit", "1", TASKS=400, SLEEP=0.05)
+            await wait_until(lambda: _more_than(c, 100), timeout=60)
+            server.stop()
+            stopped_at = time.monotonic()
+            await wait_until(lambda: _log_says(c, "unreachable"), timeout=30)
+            assert worker.poll() is None, "an outage does not kill the worker"
+            await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - stopped_at)))  # stay down a while
+            server.start()
+            assert await c.wait_exit(worker, timeout=120) == 0, c.logs()
+            assert "reachable again" in c.logs()
+            await c.assert_all_done(names(400))
+    finally:
+        server.stop()
+
+
+async def _log_says(c: Crawl, text: str) -> bool:
+    return text in c.logs()
