@@ -97,7 +97,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", "--tasks", type=int, default=100_000)
     parser.add_argument("-c", "--concurrency", type=int, default=32)
-    parser.add_argument("--backends", nargs="+", default=[b for b in ("memory", "sqlite", "redis") if b in registry.names()])
+    parser.add_argument(
+        "--backends", nargs="+", default=[b for b in ("memory", "sqlite", "redis") if b in registry.names()]
+    )
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     args = parser.parse_args()
     n, c = args.tasks, args.concurrency
@@ -107,12 +109,20 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends:
             r = await run_backend(backend, n, c, args.redis_url, Path(tmp))
-            rows.append([
-                backend, str(n), f"{n / r['add_s']:,.0f}", f"{n / r['run_s']:,.0f}", f"{r['cpu_s']:.2f}",
-                f"{base / r['run_s']:.3f}",
-            ])
-    print(f"no-op throughput, concurrency {c}; {platform.python_implementation()} {platform.python_version()}, "
-          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
+            rows.append(
+                [
+                    backend,
+                    str(n),
+                    f"{n / r['add_s']:,.0f}",
+                    f"{n / r['run_s']:,.0f}",
+                    f"{r['cpu_s']:.2f}",
+                    f"{base / r['run_s']:.3f}",
+                ]
+            )
+    print(
+        f"no-op throughput, concurrency {c}; {platform.python_implementation()} {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}"
+    )
     print(table(rows))
 
 

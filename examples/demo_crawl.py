@@ -17,9 +17,9 @@ from urllib.parse import urljoin
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from demo_site import serve_in_thread  # noqa: E402
+from demo_site import serve_in_thread
 
-from achihuo_mini import AsyncLoop, Item  # noqa: E402
+from achihuo_mini import AsyncLoop, Item
 
 LINK = re.compile(r'<a href="(/t/\d+)">')
 TITLE = re.compile(r"<h1>(.+?)</h1>")
@@ -46,6 +46,6 @@ class DemoSpider(AsyncLoop):
 
 
 if __name__ == "__main__":
-    url, _ = serve_in_thread()
+    url = serve_in_thread()
     argv = sys.argv[1:] or ["start", "--idle-exit", "0.5"]
     DemoSpider(url).start(argv)

@@ -43,10 +43,9 @@ def make_app() -> web.Application:
     return app
 
 
-def serve_in_thread(port: int = 0) -> tuple[str, threading.Event]:
-    """Start the site on 127.0.0.1 in a daemon thread; return its base URL and a stop event."""
+def serve_in_thread(port: int = 0) -> str:
+    """Start the site on 127.0.0.1 in a daemon thread (it ends with the process); return its base URL."""
     ready = threading.Event()
-    stop = threading.Event()
     box: dict[str, str] = {}
 
     async def main() -> None:
@@ -57,13 +56,12 @@ def serve_in_thread(port: int = 0) -> tuple[str, threading.Event]:
         sockets = site._server.sockets  # type: ignore[union-attr]
         box["url"] = f"http://127.0.0.1:{sockets[0].getsockname()[1]}/"
         ready.set()
-        while not stop.is_set():
-            await asyncio.sleep(0.1)
-        await runner.cleanup()
+        await asyncio.Event().wait()  # serve until the process exits
 
     threading.Thread(target=asyncio.run, args=(main(),), daemon=True).start()
-    ready.wait(10)
-    return box["url"], stop
+    if not ready.wait(10):
+        raise RuntimeError("the demo site did not start")
+    return box["url"]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # filename: seed_spider.py -- the seed README's example, as it runs on achihuo_mini.
 #
 #   python examples/seed_spider.py start        # master: run() seeds, then crawls
@@ -21,7 +20,7 @@ class SomeSpider(AsyncLoop):
     NAME = "Some_spider"
 
     def __init__(self):
-        super(SomeSpider, self).__init__(concurrency=10, cache_backend="redis")
+        super().__init__(concurrency=10, cache_backend="redis")
 
     async def run(self):
         item = Item(dict(

@@ -68,7 +68,23 @@ def test_tuple_error_suggests_a_list() -> None:
 
 
 def test_encoding_round_trip_is_exact() -> None:
-    args = [None, True, False, 0, -(2**63), 2**64 - 1, 1.5, "", "名字🕷", b"", b"\x00\xff", [], {}, Item(), [Item(a=Item(b=[b"x"]))]]
+    args = [
+        None,
+        True,
+        False,
+        0,
+        -(2**63),
+        2**64 - 1,
+        1.5,
+        "",
+        "名字🕷",
+        b"",
+        b"\x00\xff",
+        [],
+        {},
+        Item(),
+        [Item(a=Item(b=[b"x"]))],
+    ]
     task = decode_task(encode_task("h", "名", args))
     assert task.handler == "h" and task.name == "名"
     assert task.args == args
@@ -76,7 +92,9 @@ def test_encoding_round_trip_is_exact() -> None:
     assert type(task.args[-1][0]["a"]) is Item
 
 
-@pytest.mark.parametrize("payload", [b"", b"\x01", b"\x01\x93\x01\x02\x03", b"\x01\xc1", b"\x02abc", b"\x01\x93\xa1h\xc0\xc7\x01\x09x"])
+@pytest.mark.parametrize(
+    "payload", [b"", b"\x01", b"\x01\x93\x01\x02\x03", b"\x01\xc1", b"\x02abc", b"\x01\x93\xa1h\xc0\xc7\x01\x09x"]
+)
 def test_undecodable_payloads(payload: bytes) -> None:
     with pytest.raises(DecodeError):
         decode_task(payload)
@@ -91,8 +109,23 @@ def test_name_key_is_fixed_size_and_distinct() -> None:
 # -- handler names --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["missing", "_private", "not_a_coroutine", "run", "start", "stop", "add_task", "flush",
-                                 "async_web_request", "serve", "task_done", 42])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "missing",
+        "_private",
+        "not_a_coroutine",
+        "run",
+        "start",
+        "stop",
+        "add_task",
+        "flush",
+        "async_web_request",
+        "serve",
+        "task_done",
+        42,
+    ],
+)
 def test_add_task_refuses_non_handlers(bad: Any) -> None:
     loop = make()
     with pytest.raises(HandlerError) as info:
@@ -160,7 +193,8 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_config_file_sets_sides_separately(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        '[loop]\nconcurrency = 32\nmax_retries = 5\n[queue]\nbackend = "memory"\n[done]\nbackend = "sqlite"\npath = "d/done.db"\n',
+        '[loop]\nconcurrency = 32\nmax_retries = 5\n[queue]\nbackend = "memory"\n'
+        '[done]\nbackend = "sqlite"\npath = "d/done.db"\n',
     )
     loop = Spider(config_file=path)
     assert loop.concurrency == 32 and loop.settings.loop["max_retries"] == 5
@@ -171,7 +205,10 @@ def test_config_file_sets_sides_separately(tmp_path: Path) -> None:
 
 
 def test_config_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ACHIHUO_CONFIG", str(write(tmp_path, "[loop]\nconcurrency = 5\n[queue]\nbackend='memory'\n[done]\nbackend='memory'\n")))
+    monkeypatch.setenv(
+        "ACHIHUO_CONFIG",
+        str(write(tmp_path, "[loop]\nconcurrency = 5\n[queue]\nbackend='memory'\n[done]\nbackend='memory'\n")),
+    )
     assert Spider().concurrency == 5
 
 
@@ -195,7 +232,10 @@ def test_section_backend_overrides_cache_backend(tmp_path: Path) -> None:
         ("[queue]\nbackend = 3", "key 'backend': expected a string"),
         ("[queue]\nbackend = 'sqlite'\npth = 'x.db'", "unknown option 'pth' for backend 'sqlite'"),
         ("[done]\nbackend = 'sqlite'\npath = 7", "key 'path': expected a path"),
-        ("[queue]\nbackend = 'memory'\nurl = 'redis://x'", "unknown option 'url' for backend 'memory' (it accepts: none)"),
+        (
+            "[queue]\nbackend = 'memory'\nurl = 'redis://x'",
+            "unknown option 'url' for backend 'memory' (it accepts: none)",
+        ),
     ],
 )
 def test_config_errors_name_file_key_and_expectation(tmp_path: Path, text: str, expected: str) -> None:
@@ -236,7 +276,9 @@ class _Plugin:
     def achihuo_register_backends(self, register: Any) -> None:
         from achihuo_mini_backends.memory import MemoryDoneSet, MemoryQueue
 
-        register(BackendSpec(self.name, "process", "test", lambda ns, o: MemoryQueue(ns), lambda ns, o: MemoryDoneSet(ns)))
+        register(
+            BackendSpec(self.name, "process", "test", lambda ns, o: MemoryQueue(ns), lambda ns, o: MemoryDoneSet(ns))
+        )
 
 
 def test_two_plugins_claiming_one_name() -> None:

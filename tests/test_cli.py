@@ -121,8 +121,17 @@ async def test_dead_letters_listed_and_requeued(crawl: Any) -> None:
 
 @pytest.mark.parametrize(
     ("args", "code"),
-    [((), 2), (("bogus",), 2), (("stop",), 2), (("start", "--concurrency", "x"), 2), (("clear", "everything"), 2),
-     (("start", "-s", "--no-run"), 2), (("--help",), 0), (("start", "--help"), 0), (("stop", "--help"), 0)],
+    [
+        ((), 2),
+        (("bogus",), 2),
+        (("stop",), 2),
+        (("start", "--concurrency", "x"), 2),
+        (("clear", "everything"), 2),
+        (("start", "-s", "--no-run"), 2),
+        (("--help",), 0),
+        (("start", "--help"), 0),
+        (("stop", "--help"), 0),
+    ],
 )
 def test_usage_errors_exit_2(args: tuple[str, ...], code: int, tmp_path: Path) -> None:
     c = Crawl("sqlite", {"path": tmp_path / "x.sqlite3"}, tmp_path)
@@ -154,13 +163,16 @@ def test_achihuo_script_without_the_spider(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, str(SPIDER), "start", "--idle-exit", "0"],
         env={**os.environ, "SPIDER_NAME": c.name, "ACHIHUO_CONFIG": str(c.config), "TASKS": "7"},
-        capture_output=True, timeout=120,
+        capture_output=True,
+        timeout=120,
     )
     assert run.returncode == 0
-    shown = subprocess.run([exe, "status", c.name, "--config", str(c.config), "--json"],
-                           capture_output=True, text=True, timeout=60)
+    shown = subprocess.run(
+        [exe, "status", c.name, "--config", str(c.config), "--json"], capture_output=True, text=True, timeout=60
+    )
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["done"]["count"] == 7
-    stop = subprocess.run([exe, "stop", c.name, "m1", "--config", str(c.config)], capture_output=True, text=True,
-                          timeout=60)
+    stop = subprocess.run(
+        [exe, "stop", c.name, "m1", "--config", str(c.config)], capture_output=True, text=True, timeout=60
+    )
     assert stop.returncode == 1 and "m1: no such worker" in stop.stderr

@@ -31,8 +31,12 @@ async def site() -> AsyncIterator[str]:
 
 async def run_spider(script: Path, *args: str, env: dict[str, str], timeout: float = 60) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(script), *args, env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        str(script),
+        *args,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
@@ -41,7 +45,9 @@ async def run_spider(script: Path, *args: str, env: dict[str, str], timeout: flo
 
 @pytest.mark.processes
 @pytest.mark.parametrize("backend", ["redis", "sqlite"])
-async def test_seed_spider_runs_unchanged(site: str, backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+async def test_seed_spider_runs_unchanged(
+    site: str, backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     config = tmp_path / "spider.toml"
     if backend == "redis":
         url = request.getfixturevalue("redis_url")

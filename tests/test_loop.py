@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
-
 from achihuo_mini import AsyncLoop, Item, Retry, Task
 from achihuo_mini.backend import NewTask
 from achihuo_mini.codec import decode_task, encode_task, name_key
@@ -288,7 +286,7 @@ async def test_add_tasks_in_bulk(spiders: SpiderFactory) -> None:
     class Bulk(Recorder):
         async def run(self) -> None:
             tasks = [Task("h", i, f"n{i}", task_name=f"n{i}", repeat=False) for i in range(2500)]
-            await self.add_tasks(tasks + [Task("h", 0, task_name="n0", repeat=False)])  # pending or done: skipped
+            await self.add_tasks([*tasks, Task("h", 0, task_name="n0", repeat=False)])  # pending or done: skipped
 
     loop = spiders(Bulk, concurrency=16)
     await loop.serve(idle_exit=0)

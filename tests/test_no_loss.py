@@ -84,7 +84,7 @@ class Crawl:
 
     def start(self, *args: str, **env: Any) -> subprocess.Popen[bytes]:
         log_path = self.tmp / f"worker-{len(self.procs)}.log"
-        log = open(log_path, "wb")  # noqa: SIM115 - the child keeps its own copy
+        log = open(log_path, "wb")
         full_env = {
             **os.environ,
             "SPIDER_NAME": self.name,
@@ -123,7 +123,9 @@ class Crawl:
         return proc.returncode
 
     async def assert_all_done(self, names: list[str]) -> None:
-        missing = [n for n, d in zip(names, await self.done.contains([name_key(n) for n in names]), strict=True) if not d]
+        missing = [
+            n for n, d in zip(names, await self.done.contains([name_key(n) for n in names]), strict=True) if not d
+        ]
         assert not missing, f"{len(missing)} names never done, e.g. {missing[:5]}\n{self.logs()[-5000:]}"
         assert await self.queue.stats() == QueueStats(0, 0, 0, 0)
 
@@ -252,9 +254,25 @@ class PersistentRedis:
         import socket
 
         self.proc = subprocess.Popen(
-            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                self.exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 20
         while True:
