@@ -317,3 +317,18 @@ async def test_redis_restart_mid_run(tmp_path: Path) -> None:
 
 async def _log_says(c: Crawl, text: str) -> bool:
     return text in c.logs()
+
+
+async def test_second_sigint_skips_the_grace_period(crawl: Any) -> None:
+    async with crawl(concurrency=5, grace_period=60) as c:
+        worker = c.start(TASKS=50, HANG_FIRST=120, HANG_MOD=1)  # every first attempt hangs
+        await wait_until(lambda: _more_than(c, 4), timeout=60)
+        worker.send_signal(signal.SIGINT)
+        await wait_until(lambda: _log_says(c, "get 60.0 s to finish"), timeout=30)
+        sent = time.monotonic()
+        worker.send_signal(signal.SIGINT)
+        assert await c.wait_exit(worker, timeout=30) == 0, c.logs()
+        assert time.monotonic() - sent < 10, "the second interrupt does not wait for the 60 s grace period"
+        assert "second interrupt" in c.logs()
+        stats = await c.queue.stats()
+        assert stats.leased == 0 and stats.ready == 50, "the cancelled tasks were released, not lost"
