@@ -76,6 +76,7 @@ _ATTEMPT: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar("achi
 
 _RELEASE_WAIT = 2.0  # seconds cancelled handlers get to unwind before their leases are released
 _BULK_CHUNK = 1000
+_BACKGROUND_WAIT = 15.0  # seconds the committer/heartbeat get to finish their call at shutdown
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,8 @@ class AsyncLoop:
         self._opened = False
         self._stop_requested = False
         self._force_stop = False
+        self._closing = False
+        self._beat_now = asyncio.Event()
         self._wake: asyncio.Event | None = None
         self._stop_event: asyncio.Event | None = None
         self._outbox = _Outbox()
@@ -624,7 +627,7 @@ class AsyncLoop:
         role = "slave" if slave else "master"
         self._aloop = asyncio.get_running_loop()
         self._serving = True
-        self._stop_requested = self._force_stop = False
+        self._stop_requested = self._force_stop = self._closing = False
         self._wake = asyncio.Event()
         self._stop_event = asyncio.Event()
         self._flush_wanted = asyncio.Event()
@@ -891,8 +894,10 @@ class AsyncLoop:
         assert self._flush_wanted is not None
         interval = self._option("flush_interval")
         failures = 0
-        while True:
+        while not self._closing:
             await _wait(self._flush_wanted, interval)
+            if self._closing:
+                return
             self._flush_wanted.clear()
             await asyncio.sleep(0)  # coalesce handlers finishing in the same tick
             try:
@@ -962,12 +967,14 @@ class AsyncLoop:
         progress = self._option("progress_interval")
         next_progress = time.monotonic() + progress if progress else None
         last_ok = time.monotonic()
-        while True:
+        while not self._closing:
             before = time.monotonic()
             if not await _wait(self._beat_now, interval):
                 lag = time.monotonic() - before - interval
                 if lag > 1.0:
                     log.warning("%s: event loop lagged %.1f s (a handler is blocking it?)", self.name, lag)
+            if self._closing:
+                return
             self._beat_now.clear()
             if not isinstance(queue, WorkerRegistry):
                 continue
@@ -1035,9 +1042,17 @@ class AsyncLoop:
             for task in list(self._running):
                 task.cancel()
             await asyncio.wait(list(self._running), timeout=_RELEASE_WAIT)
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        # the committer and the heartbeat finish the call they are in (a write cut off
+        # mid-flight would be repeated and show up as fenced), then end
+        self._closing = True
+        assert self._flush_wanted is not None
+        self._flush_wanted.set()
+        self._beat_now.set()
+        if background:
+            _, late = await asyncio.wait(background, timeout=_BACKGROUND_WAIT)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
         try:
             if self._opened:
                 await self._final_writes()
