@@ -1,0 +1,5 @@
+-- push: ARGV = msgpack list of tasks (see insert). Unique tasks are checked against
+-- pending keys and this loop's done set. Returns how many tasks were enqueued.
+local pushed = insert(cmsgpack.unpack(ARGV[1]), true)
+wake(pushed)
+return pushed
