@@ -76,6 +76,7 @@ _ATTEMPT: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar("achi
 
 _RELEASE_WAIT = 2.0  # seconds cancelled handlers get to unwind before their leases are released
 _BULK_CHUNK = 1000
+_NOTIFY_WAIT = 5.0  # seconds one backend wait for new tasks may block (local events wake us sooner)
 _BACKGROUND_WAIT = 15.0  # seconds the committer/heartbeat get to finish their call at shutdown
 
 
@@ -261,6 +262,7 @@ class AsyncLoop:
         self._force_stop = False
         self._closing = False
         self._beat_now = asyncio.Event()
+        self._notify_task: asyncio.Future[None] | None = None
         self._wake: asyncio.Event | None = None
         self._stop_event: asyncio.Event | None = None
         self._outbox = _Outbox()
@@ -648,10 +650,10 @@ class AsyncLoop:
             await self._open()
             self._log_start(role)
             durability = getattr(self._queue, "durability", None)
-            if durability == "volatile" and self._option("require_durable"):
+            if self._option("require_durable") and durability not in ("everysec", "always"):
                 raise ConfigError(
                     f"require_durable is set but the {self.settings.queue.backend} queue at "
-                    f"{self._queue.location} is volatile (no persistence configured)"
+                    f"{self._queue.location} reports durability {durability or 'of its process only'!r}"
                 )
             await self.flush()  # what was added before serve() started
             self._seeding = not slave and seed
@@ -776,21 +778,34 @@ class AsyncLoop:
         return True
 
     async def _wait_for_work(self, timeout: float) -> None:
+        """Sleep until a local event, a backend notification or ``timeout``.
+
+        The backend's waiter outlives one poll: cancelling it every poll would, for
+        Redis, drop the connection it blocks on.
+        """
         assert self._wake is not None
-        waiters: list[asyncio.Task[Any]] = [asyncio.ensure_future(self._wake.wait())]
+        local = asyncio.ensure_future(self._wake.wait())
+        waiters: list[asyncio.Future[Any]] = [local]
         if isinstance(self._queue, Notifier):
-            waiters.append(asyncio.ensure_future(self._queue.wait_for_tasks(timeout)))
+            if self._notify_task is None:
+                self._notify_task = asyncio.ensure_future(self._queue.wait_for_tasks(_NOTIFY_WAIT))
+            waiters.append(self._notify_task)
         try:
             await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for w in waiters:
-                if not w.done():
-                    w.cancel()
-            for w in waiters:
-                try:
-                    await w
-                except (asyncio.CancelledError, BackendError):
-                    pass
+            local.cancel()
+            await asyncio.gather(local, return_exceptions=True)
+        notify = self._notify_task
+        if notify is not None and notify.done():
+            self._notify_task = None
+            if not notify.cancelled() and isinstance(notify.exception(), BackendError):
+                log.debug("%s: waiting for tasks failed: %s", self.name, notify.exception())
+
+    async def _stop_notify_waiter(self) -> None:
+        notify, self._notify_task = self._notify_task, None
+        if notify is not None:
+            notify.cancel()
+            await asyncio.gather(notify, return_exceptions=True)
 
     async def _backend_down(self, exc: BaseException) -> None:
         now = time.monotonic()
@@ -1042,6 +1057,7 @@ class AsyncLoop:
             for task in list(self._running):
                 task.cancel()
             await asyncio.wait(list(self._running), timeout=_RELEASE_WAIT)
+        await self._stop_notify_waiter()
         # the committer and the heartbeat finish the call they are in (a write cut off
         # mid-flight would be repeated and show up as fenced), then end
         self._closing = True

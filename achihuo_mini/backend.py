@@ -39,7 +39,15 @@ through ``unregister``/``recover``.
 
 Optional abilities are separate protocols: :class:`WorkerRegistry` (heartbeats,
 aliases, remote commands, recovery of dead workers' leases) and
-:class:`Notifier` (wake idle workers instead of polling).
+:class:`Notifier` (wake idle workers instead of polling). A queue whose durability
+depends on a server's settings may expose a ``durability`` attribute after
+``open()``: ``"volatile"``, ``"everysec"``, ``"always"`` or ``"unknown"``; it is
+logged at start, shown by ``status`` and checked by ``require_durable``.
+
+A queue checks unique pushes against the done set of its own backend and
+namespace. When the loop keeps its done set elsewhere, that one stays empty (the
+loop filters unique pushes against the real done set itself) -- unless names were
+left there by an earlier configuration: clear them when moving a done set.
 """
 
 from __future__ import annotations
