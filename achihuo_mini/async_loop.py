@@ -30,6 +30,7 @@ loses a task and a retry never duplicates children.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import inspect
 import logging
@@ -591,18 +592,38 @@ class AsyncLoop:
             finally:
                 await self._done.close()
 
+    def _state(self) -> str:
+        if self._stop_requested:
+            return "stopping"
+        if self._backend_down_since is not None:
+            return "paused"
+        return "seeding" if self._seeding else "running"
+
+    def _rate(self) -> float:
+        """Tasks acknowledged per second over the last minute (sampled at each heartbeat)."""
+        now = time.monotonic()
+        samples = self._rate_samples
+        samples.append((now, self._summary.succeeded))
+        while len(samples) > 2 and now - samples[1][0] > 60:
+            samples.popleft()
+        (t0, n0), (t1, n1) = samples[0], samples[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
     def _info(self, role: str) -> dict[str, Any]:
+        """What this worker publishes in the registry (shown by ``status``)."""
         s = self._summary
         return {
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "role": role,
+            "state": self._state(),
             "started": self._started_wall,
             "concurrency": self.concurrency,
             "running": len(self._running),
             "succeeded": s.succeeded,
             "failed": s.failed,
             "buried": s.buried,
+            "rate": round(self._rate(), 1),
             "seeding": self._seeding,
             "handlers": sorted(self._handlers),
         }
@@ -635,6 +656,7 @@ class AsyncLoop:
         self._flush_wanted = asyncio.Event()
         self._beat_now = asyncio.Event()
         self._summary = RunSummary()
+        self._rate_samples: collections.deque[tuple[float, int]] = collections.deque()
         self._started_wall = time.time()
         started = time.monotonic()
         self._worker = uuid.uuid4().hex
@@ -1022,21 +1044,28 @@ class AsyncLoop:
                 await self._log_progress()
 
     async def _log_progress(self) -> None:
+        """One line, as crawler users expect: rate, queue depth, done, failures, running."""
         s = self._summary
         try:
             stats: QueueStats | None = await self._queue.stats()
+            done: int | None = await self._done.count()
         except BackendError:
-            stats = None
+            stats, done = None, None
+        queue = (
+            f"queue {stats.ready} ready, {stats.delayed} delayed, {stats.leased} leased, {stats.dead} dead; "
+            f"{done} done names"
+            if stats is not None
+            else "queue unreachable"
+        )
         log.info(
-            "%s: %d ok, %d failed, %d dead, %d running%s",
+            "%s: %.1f tasks/s; %d ok, %d failed, %d dead letters, %d running; %s",
             self.name,
+            self._rate(),
             s.succeeded,
             s.failed,
             s.buried,
             len(self._running),
-            f"; queue: {stats.ready} ready, {stats.delayed} delayed, {stats.leased} leased, {stats.dead} dead"
-            if stats
-            else "",
+            queue,
         )
 
     # -- shutdown -------------------------------------------------------------
@@ -1115,11 +1144,13 @@ class AsyncLoop:
     def _log_summary(self) -> None:
         s = self._summary
         log.info(
-            "%s: finished in %.1f s (%s): %d ok, %d failed (%d retried, %d dead), %d released, %d fenced, %d added",
+            "%s: finished in %.1f s (%s): %d ok (%.1f/s), %d failed (%d retried, %d dead), %d released, "
+            "%d fenced, %d added",
             self.name,
             s.elapsed,
             s.reason or "stopped",
             s.succeeded,
+            s.succeeded / s.elapsed if s.elapsed else 0.0,
             s.failed,
             s.retried,
             s.buried,

@@ -214,6 +214,7 @@ async def status_data(loop: AsyncLoop) -> dict[str, Any]:
                 "worker": w.worker,
                 "host": w.info.get("host"),
                 "pid": w.info.get("pid"),
+                "state": w.info.get("state"),
                 "running": w.info.get("running"),
                 "succeeded": w.info.get("succeeded"),
                 "failed": w.info.get("failed"),
@@ -237,12 +238,14 @@ async def _status(loop: AsyncLoop, as_json: bool) -> int:
     )
     print(f"  ready {q['ready']}  delayed {q['delayed']}  leased {q['leased']}  dead {q['dead']}")
     print(f"done set: {d['backend']} at {d['location']}: {d['count']} names")
-    rows = [["id", "role", "host", "pid", "running", "ok", "failed", "heartbeat"]]
+    rows = [["id", "role", "host", "pid", "state", "running", "ok", "failed", "tasks/s", "heartbeat"]]
     for w in data["workers"]:
         rows.append(
-            [str(w[k]) for k in ("alias", "role", "host", "pid", "running", "succeeded", "failed")]
+            [str(w[k]) for k in ("alias", "role", "host", "pid", "state", "running", "succeeded", "failed", "rate")]
             + [f"{w['last_heartbeat_s']:.1f}s ago"]
         )
+    rate = sum(w["rate"] or 0 for w in data["workers"])
+    print(f"throughput: {rate:.1f} tasks/s (all workers, last minute)")
     if len(rows) == 1:
         print("workers: none")
     else:

@@ -62,6 +62,7 @@ async def test_master_and_two_slaves_stop_by_alias(crawl: Any) -> None:
         assert rows["s1"]["pid"] == s1.pid, "aliases are claimed in start order"
         text = cli(c, "status")
         assert text.returncode == 0 and "s2" in text.stdout and "ready" in text.stdout
+        assert "tasks/s" in text.stdout and "running" in text.stdout and "throughput:" in text.stdout
 
         stopped = cli(c, "stop", "s1", "--timeout", "30")
         assert stopped.returncode == 0, stopped.stderr

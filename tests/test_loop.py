@@ -320,3 +320,21 @@ def test_add_task_without_event_loop_writes_at_once(spiders: SpiderFactory) -> N
     summary = asyncio.run(worker.serve(idle_exit=0))
     assert worker.ran == ["from-script"] and summary.succeeded == 1
     worker.close()
+
+
+async def test_progress_line_and_summary(memory_spiders: SpiderFactory, caplog: pytest.LogCaptureFixture) -> None:
+    class Slowish(Recorder):
+        async def tick(self, i: int) -> None:
+            await asyncio.sleep(0.01)
+            self.ran.append(i)
+
+    caplog.set_level("INFO", logger="achihuo_mini")
+    loop = memory_spiders(Slowish, concurrency=2, heartbeat_interval=0.05, progress_interval=0.1)
+    for i in range(60):
+        loop.add_task("tick", i)
+    await loop.serve(idle_exit=0)
+    progress = [r.getMessage() for r in caplog.records if "tasks/s;" in r.getMessage()]
+    assert progress, "a progress line is logged every progress_interval"
+    assert "ready" in progress[-1] and "done names" in progress[-1] and "running" in progress[-1]
+    summary = [r.getMessage() for r in caplog.records if "finished in" in r.getMessage()]
+    assert summary and "60 ok" in summary[-1]
