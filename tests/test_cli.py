@@ -14,6 +14,7 @@ import pytest
 
 from achihuo_mini.testing import wait_until
 
+from .test_examples import serve_in_thread
 from .test_no_loss import SPIDER, Crawl, names
 
 pytestmark = pytest.mark.processes
@@ -45,8 +46,9 @@ async def _aliases(c: Crawl) -> list[str]:
 
 
 async def test_master_and_two_slaves_stop_by_alias(crawl: Any) -> None:
+    site = serve_in_thread()  # a local site the three workers crawl together
     async with crawl(concurrency=4) as c:
-        env = {"TASKS": 400, "SLEEP": 0.05}
+        env = {"TASKS": 400, "SLEEP": 0.05, "SITE_URL": site}
         master = c.start(**env)
         await wait_until(lambda: c.registered(master), timeout=30)
         s1 = c.start("-s", **env)
@@ -88,7 +90,7 @@ async def test_master_and_two_slaves_stop_by_alias(crawl: Any) -> None:
         assert await _aliases(c) == []
         assert status(c)["queue"]["leased"] == 0, "a graceful stop releases every lease"
 
-        finish = c.start("--idle-exit", "0.5", TASKS=400)
+        finish = c.start("--idle-exit", "0.5", TASKS=400, SITE_URL=site)
         assert await c.wait_exit(finish, 120) == 0
         await c.assert_all_done(names(400))
 

@@ -15,7 +15,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
-from demo_site import make_app  # noqa: E402
+from demo_site import make_app, serve_in_thread  # noqa: E402, F401 - re-exported for test_cli
 
 
 @pytest.fixture

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from achihuo_mini import AsyncLoop, Item, Retry, Task
 from achihuo_mini.backend import NewTask
 from achihuo_mini.codec import decode_task, encode_task, name_key

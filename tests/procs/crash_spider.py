@@ -7,6 +7,7 @@ Configured by environment variables:
   HANG_FIRST    seconds the first attempt of every HANG_MOD-th task sleeps (for a stop to cancel)
   FAIL          "always:<i>" / "twice:<i>" make task i fail
   KILL_AFTER    SIGKILL this process right after the handler of this task returns
+  SITE_URL      fetch {SITE_URL}t/{i % 60} in each handler (examples/demo_site.py serves it)
 Then: python crash_spider.py start ... (the normal command line).
 """
 
@@ -17,7 +18,7 @@ import os
 import random
 import signal
 
-from achihuo_mini import AsyncLoop, Task
+from achihuo_mini import AsyncLoop, Item, Task
 
 TASKS = int(os.environ.get("TASKS", "0"))
 CHILDREN = int(os.environ.get("CHILDREN", "0"))
@@ -27,6 +28,7 @@ HANG_MOD = int(os.environ.get("HANG_MOD", "1"))
 FAIL = os.environ.get("FAIL", "")
 KILL_AFTER = os.environ.get("KILL_AFTER")
 EXEC_DIR = os.environ.get("EXEC_DIR")
+SITE_URL = os.environ.get("SITE_URL")
 
 
 class CrashSpider(AsyncLoop):
@@ -51,6 +53,9 @@ class CrashSpider(AsyncLoop):
             await asyncio.sleep(HANG_FIRST)
         if SLEEP:
             await asyncio.sleep(random.uniform(0, SLEEP))
+        if SITE_URL:
+            resp = await self.async_web_request(Item(url=f"{SITE_URL}t/{i % 60}"))
+            assert f"<h1>话题 {i % 60}</h1>" in resp.text, resp.text[:200]
         kind, _, which = FAIL.partition(":")
         if which and int(which) == i:
             if kind == "always" or (kind == "twice" and self._attempts[i] <= 2):
