@@ -164,6 +164,7 @@ class _Attempt:
     lease: Lease
     handler: str
     outbox: _Outbox = field(default_factory=_Outbox)
+    closed: bool = False  # the handler ended: later adds (from tasks it spawned) go to the loop's outbox
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> bool:
@@ -425,7 +426,7 @@ class AsyncLoop:
 
     def _current_attempt(self) -> _Attempt | None:
         attempt = _ATTEMPT.get()
-        return attempt if attempt is not None and attempt.loop is self else None
+        return attempt if attempt is not None and attempt.loop is self and not attempt.closed else None
 
     def _route(self, tasks: Sequence[NewTask] = (), done: dict[bytes, bool] | None = None) -> None:
         attempt = self._current_attempt()
@@ -875,8 +876,11 @@ class AsyncLoop:
             return
         _ATTEMPT.set(attempt)
         try:
-            async with asyncio.timeout(self._option("task_timeout")):
-                await handler(*decoded.args)
+            try:
+                async with asyncio.timeout(self._option("task_timeout")):
+                    await handler(*decoded.args)
+            finally:
+                attempt.closed = True
         except asyncio.CancelledError:
             # a stop cancelled us: the lease goes back to the queue head, the outbox is discarded
             self._releases.append(lease)

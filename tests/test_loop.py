@@ -340,3 +340,19 @@ async def test_progress_line_and_summary(memory_spiders: SpiderFactory, caplog: 
     assert "ready" in progress[-1] and "done names" in progress[-1] and "running" in progress[-1]
     summary = [r.getMessage() for r in caplog.records if "finished in" in r.getMessage()]
     assert summary and "60 ok" in summary[-1]
+
+
+async def test_adds_from_a_task_the_handler_spawned_are_not_lost(memory_spiders: SpiderFactory) -> None:
+    class Spawner(Recorder):
+        async def spawn(self) -> None:
+            self.later = asyncio.ensure_future(self.add_later())
+
+        async def add_later(self) -> None:
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            self.add_task("h", "added after the handler returned")
+
+    loop = memory_spiders(Spawner)
+    loop.add_task("spawn")
+    await loop.serve(idle_exit=0.2)
+    assert loop.ran == ["added after the handler returned"]
