@@ -658,6 +658,8 @@ class AsyncLoop:
         self._beat_now = asyncio.Event()
         self._summary = RunSummary()
         self._rate_samples: collections.deque[tuple[float, int]] = collections.deque()
+        self._known: set[int] = set()  # task ids of leases this incarnation holds and knows about
+        self._reserve_uncertain = False
         self._started_wall = time.time()
         started = time.monotonic()
         self._worker = uuid.uuid4().hex
@@ -753,8 +755,11 @@ class AsyncLoop:
                 await wake.wait()
                 continue
             try:
+                if self._reserve_uncertain:
+                    await self._release_unknown_leases()
                 leases = await queue.reserve(self._worker, free)
             except BackendUnavailable as exc:
+                self._reserve_uncertain = True  # it may have leased tasks whose reply we lost
                 await self._backend_down(exc)
                 continue
             self._backend_up()
@@ -849,7 +854,18 @@ class AsyncLoop:
 
     # -- attempts -----------------------------------------------------------
 
+    async def _release_unknown_leases(self) -> None:
+        """After a reserve whose outcome is unknown: give back leases we hold but never saw."""
+        if isinstance(self._queue, WorkerRegistry):
+            held = await self._queue.leases(self._worker)
+            stray = [lease for lease in held if lease.task_id not in self._known]
+            if stray:
+                n = await self._queue.release(stray)
+                log.warning("%s: released %d tasks leased by a reserve whose reply was lost", self.name, n)
+        self._reserve_uncertain = False
+
     def _start_attempt(self, lease: Lease) -> None:
+        self._known.add(lease.task_id)
         attempt = _Attempt(self, lease, "")
         task = asyncio.create_task(self._run_attempt(attempt))
         self._running[task] = attempt
@@ -964,6 +980,7 @@ class AsyncLoop:
             except BaseException:
                 self._commits[:0] = attempts
                 raise
+            self._known.difference_update(a.lease.task_id for a in attempts)
             self._summary.succeeded += applied
             self._summary.fenced += len(attempts) - applied
             if applied < len(attempts):
@@ -977,6 +994,7 @@ class AsyncLoop:
                 except BaseException:
                     getattr(self, attr)[:0] = items
                     raise
+                self._known.difference_update((item if attr == "_releases" else item[0]).task_id for item in items)
                 if attr == "_releases":
                     self._summary.released += n
         if self._outbox:

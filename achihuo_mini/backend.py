@@ -297,6 +297,13 @@ class WorkerRegistry(Protocol):
     async def send(self, aliases: Sequence[str], command: str) -> list[str]:
         """Append ``command`` to the mailbox of each alias; return the aliases that exist."""
 
+    async def leases(self, worker: str) -> list[Lease]:
+        """Every lease ``worker`` holds, oldest task first.
+
+        A worker whose ``reserve`` reply was lost (a connection dropped after the
+        backend applied it) uses this to find and release leases it never saw.
+        """
+
     async def recover(self) -> int:
         """Unregister workers whose heartbeat expired and release their leases to the head.
 

@@ -306,13 +306,19 @@ class MemoryQueue:
         self._s.workers.pop(worker, None)
         await self._release_worker({worker})
 
-    async def _release_worker(self, workers: set[str]) -> int:
-        leases = [
+    def _leases_of(self, workers: set[str]) -> list[Lease]:
+        found = [
             Lease(tid, t.payload, t.key, t.worker, t.attempt, t.failures)
             for tid, t in self._s.leased.items()
             if t.worker in workers
         ]
-        return await self.release(sorted(leases, key=lambda lease: lease.task_id))
+        return sorted(found, key=lambda lease: lease.task_id)
+
+    async def _release_worker(self, workers: set[str]) -> int:
+        return await self.release(self._leases_of(workers))
+
+    async def leases(self, worker: str) -> list[Lease]:
+        return self._leases_of({worker})
 
     async def workers(self) -> list[WorkerInfo]:
         now = time.monotonic()

@@ -917,6 +917,20 @@ class SqliteQueue(_SqliteStore):
             return []
         return await self._call(self._t_send, list(aliases), _text(command))
 
+    async def leases(self, worker: str) -> list[Lease]:
+        """Every lease ``worker`` holds, oldest task first."""
+        return await self._call(self._t_leases, _text(worker), mode="read")
+
+    def _t_leases(self, c: sqlite3.Connection, worker: str) -> list[Lease]:
+        rows = c.execute(
+            "SELECT id, payload, key, attempt, failures FROM tasks WHERE ns = ? AND worker = ? ORDER BY id",
+            (self._ns, worker),
+        )
+        return [
+            Lease(int(tid), payload, key, worker, int(attempt), int(failures))
+            for tid, payload, key, attempt, failures in rows
+        ]
+
     async def recover(self) -> int:
         """Unregister expired workers; release their leases and unregistered workers' leases to the head."""
         return self._woken(await self._call(self._t_recover))

@@ -356,3 +356,39 @@ async def test_adds_from_a_task_the_handler_spawned_are_not_lost(memory_spiders:
     loop.add_task("spawn")
     await loop.serve(idle_exit=0.2)
     assert loop.ran == ["added after the handler returned"]
+
+
+async def test_leases_of_a_lost_reserve_reply_are_given_back(tmp_path: Any) -> None:
+    """Fault injection: the backend applies a reserve, then the connection drops before the reply."""
+    from achihuo_mini.errors import BackendUnavailable
+    from achihuo_mini.plugins import BackendSpec, hookimpl, registry
+    from achihuo_mini_backends.memory import MemoryDoneSet, MemoryQueue, drop_namespace
+
+    class LossyQueue(MemoryQueue):
+        lost = 0
+
+        async def reserve(self, worker: str, limit: int) -> list[Any]:
+            leases = await super().reserve(worker, limit)
+            if leases and LossyQueue.lost < 2:
+                LossyQueue.lost += 1
+                raise BackendUnavailable("connection closed before the reply")
+            return leases
+
+    class Plugin:
+        @hookimpl
+        def achihuo_register_backends(self, register: Any) -> None:
+            register(
+                BackendSpec("lossy", "process", "test", lambda ns, o: LossyQueue(ns), lambda ns, o: MemoryDoneSet(ns))
+            )
+
+    registry.register_plugin(Plugin(), "lossy-plugin")
+    try:
+        loop = type("Lossy", (Recorder,), {"NAME": "lossy-test"})(cache_backend="lossy")
+        for i in range(20):
+            loop.add_task("h", i)
+        summary = await asyncio.wait_for(loop.serve(idle_exit=0), 30)
+        assert sorted(loop.ran) == list(range(20)), "every task ran, none stuck in a lease nobody knows"
+        assert LossyQueue.lost == 2 and summary.succeeded == 20
+    finally:
+        registry.unregister_plugin("lossy-plugin")
+        drop_namespace("lossy-test")

@@ -570,6 +570,20 @@ class BackendContract:
         assert await queue.commit([Commit(lease) for lease in kept + again]) == 4
         assert await reg.heartbeat("dying", {}, 0.3) is None, "a recovered worker must re-register"
 
+    async def test_leases_of_a_worker(self, reg: WorkerRegistry, queue: QueueBackend) -> None:
+        await reg.register("w-a", "slave", {}, 30)
+        assert await reg.leases("w-a") == []
+        await queue.push([_task(i, key=K(str(i))) for i in range(5)])
+        mine = await queue.reserve("w-a", 3)
+        others = await queue.reserve("w-b", 1)
+        held = await reg.leases("w-a")
+        assert held == mine, "the same leases, oldest first, with their fencing tokens"
+        assert await reg.leases("w-b") == others
+        assert await queue.release(held[1:]) == 2, "leases found this way can be released"
+        assert await reg.leases("w-a") == mine[:1]
+        await queue.commit([Commit(mine[0])])
+        assert await reg.leases("w-a") == []
+
     async def test_recover_orphan_leases(self, reg: WorkerRegistry, queue: QueueBackend) -> None:
         await queue.push([_task(1)])
         await queue.reserve("never-registered", 1)

@@ -118,7 +118,7 @@ KEY_PARTS = (
 
 SCRIPTS = (
     "push", "reserve", "commit", "release", "retry", "bury", "dead_letters", "requeue",
-    "stats", "clear", "peek", "register", "heartbeat", "unregister", "recover", "workers", "send",
+    "stats", "clear", "peek", "register", "heartbeat", "unregister", "recover", "workers", "send", "leases",
 )  # fmt: skip
 
 ERROR_MAX_CHARS = 2048
@@ -606,6 +606,15 @@ class RedisQueue(_RedisBackend):
             return []
         reply = await self._script("send", [command, *aliases])
         return [_text(a) for a in reply]
+
+    async def leases(self, worker: str) -> list[Lease]:
+        """Every lease ``worker`` holds, oldest task first (one script call)."""
+        reply = _unpack(await self._script("leases", [_wid(worker)]))
+        return [
+            Lease(int(reply[i]), bytes(reply[i + 1]), bytes(reply[i + 2]) or None, worker, int(reply[i + 3]),
+                  int(reply[i + 4]))
+            for i in range(0, len(reply), 5)
+        ]  # fmt: skip
 
     async def recover(self) -> int:
         """Unregister expired workers and release their (and orphaned) leases to the head.
