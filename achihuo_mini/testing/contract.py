@@ -144,6 +144,17 @@ class BackendContract:
         assert isinstance(queue.location, str) and queue.location
         assert queue.shares_done_set(done), "a queue and done set of one backend and namespace must share"
 
+    async def test_abilities_are_declared_completely(self, queue: QueueBackend) -> None:
+        """A queue that implements part of an ability would silently lose it (isinstance fails): name the gap."""
+        for ability in (WorkerRegistry, Notifier):
+            methods = [name for name in vars(ability) if not name.startswith("_") and callable(vars(ability)[name])]
+            present = [m for m in methods if callable(getattr(queue, m, None))]
+            missing = sorted(set(methods) - set(present))
+            assert not present or not missing, (
+                f"{type(queue).__name__} implements part of {ability.__name__} ({', '.join(sorted(present))}) "
+                f"but not {', '.join(missing)}: the loop would treat it as not having the ability at all"
+            )
+
     # -- push / reserve ------------------------------------------------------
 
     async def test_empty_queue(self, queue: QueueBackend) -> None:
