@@ -1,24 +1,72 @@
 """``async_web_request``: one HTTP request described by an ``Item``, on aiohttp.
 
-Item fields: ``method`` (GET), ``url``, ``headers``, ``params``, ``data``, ``json``,
-``cookies``, ``timeout`` (seconds per try), ``proxy``, ``allow_redirects`` (True),
-``max_retry`` (total tries, default 3), ``encoding`` (forces the text encoding).
+Item fields (missing ones read as ``None`` and take the default):
 
-Connection errors, timeouts and 5xx/429 answers are retried with exponential
-backoff (``Retry-After`` is honoured, capped at 60 s); a ``check_html(text)`` method
-on the loop that returns False rejects a body and retries. After the last try
-:class:`~achihuo_mini.errors.RequestError` names the URL and the last error.
+``method``            ``'GET'``; any case
+``url``               required
+``headers``           dict (or list of pairs); merged over the loop's default headers
+``params``            dict or list of pairs, added to the query (``None`` values are dropped)
+``data``              form fields (dict or list of pairs) or a str/bytes body
+``json``              a JSON body (not together with ``data``)
+``cookies``           dict, sent with this request only (the session keeps no cookie jar)
+``timeout``           seconds for one try, connect to last body byte (default: the
+                      ``request_timeout`` loop option, 30 s)
+``proxy``             ``http://user:password@host:port``; credentials are masked in errors and logs
+``allow_redirects``   True; with False a 3xx comes back as the response
+``max_retry``         total tries, as in the seed's code (default 3; 0 or 1: one try)
+``encoding``          forces the encoding of ``Response.text``
+
+One :class:`aiohttp.ClientSession` per loop, created inside the running event loop on the
+first request, its connection pool sized to the loop's ``concurrency``, closed when the loop
+stops. It sends ``User-Agent`` (the ``user_agent`` loop option) and ``Accept``; a spider
+class may add defaults of its own in an ``HTTP_HEADERS`` dict class attribute. It keeps no
+cookies between requests (tasks never see each other's); a caller that wants a cookie jar
+passes its own session (the seed-era ``session=`` keyword; then that session's defaults
+apply, and it stays open). One try is one request: aiohttp's silent resend of an
+idempotent request on a dropped connection is turned off, our retries do that.
+
+Retries: connection errors, timeouts, truncated bodies and 408/429/5xx answers (not 501)
+are retried with exponential backoff and jitter (:data:`BACKOFF_BASE` doubling, capped at
+:data:`BACKOFF_MAX`); a ``Retry-After`` header replaces the backoff, capped at
+:data:`RETRY_AFTER_MAX`. A ``check_html(text)`` method on the loop (or the seed-era
+``check_html=`` keyword) that returns a false value rejects a body: that try failed too.
+When the last try fails, :class:`~achihuo_mini.errors.RequestError` names the URL and the
+last error; an invalid URL, a redirect loop or a body over ``max_body_size`` fail at once.
+The task then fails, so the loop's task retries and dead letters apply.
+
+Politeness: the ``per_host_limit`` loop option caps the requests in flight to one host name
+(the item URL's; redirects stay in its slot) across the loop, in this process;
+``per_host_delay`` spaces the starts of requests to one host. Both hold one try (request
+and body), never a backoff sleep.
+
+Bodies are streamed and counted: a body over the ``max_body_size`` loop option (0: no
+limit) fails at once, whether or not it declares its length, and also after decompression.
+
+Secrets: user info in URLs (proxy passwords), and ``Cookie``/``Authorization`` values, are
+masked in every error message and log line this module writes (:func:`mask_secrets`).
+
+``Response.text`` is decoded lazily: ``item.encoding``, else a byte-order mark, else the
+``Content-Type`` charset, else a ``<meta charset>`` / ``http-equiv`` / XML declaration, else
+detection (:func:`decode_body`). Labels map as browsers map them: GB2312/GBK to GB18030,
+Big5 to Big5-HKSCS, ISO-8859-1/ASCII to windows-1252.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import functools
+import inspect
+import itertools
 import json as jsonlib
+import logging
 import random
 import re
 import time
-from collections.abc import Mapping
+import traceback
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -31,54 +79,330 @@ from .errors import RequestError
 if TYPE_CHECKING:
     from .async_loop import AsyncLoop
 
-__all__ = ["HttpClient", "Response", "decode_body", "request"]
+__all__ = [
+    "BACKOFF_BASE",
+    "BACKOFF_MAX",
+    "DEFAULT_HEADERS",
+    "DEFAULT_TRIES",
+    "DEFAULT_USER_AGENT",
+    "RETRY_AFTER_MAX",
+    "HttpClient",
+    "Response",
+    "decode_body",
+    "detect_encoding",
+    "mask_secrets",
+    "mask_url",
+    "request",
+]
+
+log = logging.getLogger("achihuo_mini.http")
 
 DEFAULT_USER_AGENT = "achihuo_mini/0.1 (+https://pypi.org/project/achihuo_mini/)"
-_RETRY_STATUS = frozenset({429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
-_META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I)
-_DETECT_ORDER = ("utf-8", "gb18030", "big5")
+"""``User-Agent`` when the ``user_agent`` loop option is not set."""
+
+DEFAULT_HEADERS: dict[str, str] = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+"""Headers every request sends unless the spider's ``HTTP_HEADERS`` or the item's headers override them."""
+
+DEFAULT_TRIES = 3
+"""Total tries when ``item.max_retry`` is not set."""
+
+BACKOFF_BASE = 0.5
+"""Seconds before the second try; doubles per try, times a random factor in [0.5, 1]."""
+
+BACKOFF_MAX = 30.0
+"""Cap of the backoff between two tries, seconds."""
+
+RETRY_AFTER_MAX = 60.0
+"""Cap of a server's ``Retry-After``, seconds: a handler does not hold its slot longer than this."""
+
+_CHUNK = 65536
+_MAX_FIELD_SIZE = 32768  # response header lines: big Set-Cookie headers are common
+_PRUNE_AT = 1024  # per-host entries kept before idle ones are dropped
 
 
-def _normalise_encoding(name: str | None) -> str | None:
-    if not name:
+# -- secrets ---------------------------------------------------------------------------
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^\s/?#'\"<>]*)@")
+_SECRET_FIELD = re.compile(
+    r"(?i)\b(proxy-authorization|authorization|set-cookie|cookie|x-api-key)(['\"]?\s*[:=]\s*['\"]?)([^'\"\r\n]+)"
+)
+
+
+def _mask_userinfo(match: re.Match[str]) -> str:
+    user, colon, _password = match.group(2).partition(":")
+    return f"{match.group(1)}{user}:***@" if colon else f"{match.group(1)}***@"
+
+
+def mask_url(url: str) -> str:
+    """``url`` with the password of its user info replaced by ``***`` (a bare user name too)."""
+    return _USERINFO.sub(_mask_userinfo, url)
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with URL passwords and ``Cookie``/``Authorization``-like values replaced by ``***``."""
+    return _SECRET_FIELD.sub(r"\1\2***", mask_url(text))
+
+
+def _describe(exc: BaseException) -> str:
+    message = str(exc)
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return mask_secrets(text)[:1000]
+
+
+def _shows_no_secret(exc: BaseException) -> bool:
+    text = "".join(traceback.format_exception(exc))
+    return mask_secrets(text) == text
+
+
+# -- decoding --------------------------------------------------------------------------
+
+# Labels Python does not know, and the browser (WHATWG) mapping of those it does.
+_LABELS = {
+    "x-gbk": "gb18030",
+    "x-x-big5": "big5hkscs",
+    "x-sjis": "cp932",
+    "windows-31j": "cp932",
+    "x-euc-jp": "euc_jp",
+    "unicode-1-1-utf-8": "utf-8",
+    "x-user-defined": "cp1252",
+}
+_CANONICAL = {
+    "gb2312": "gb18030",
+    "gbk": "gb18030",
+    "big5": "big5hkscs",
+    "cp950": "big5hkscs",
+    "iso8859-1": "cp1252",
+    "ascii": "cp1252",
+    "shift_jis": "cp932",
+    "euc_kr": "cp949",
+}
+# an encoding, then the codecs tried strictly for it, in order
+_FAMILY: dict[str, tuple[str, ...]] = {
+    "big5hkscs": ("big5hkscs", "cp950"),
+    "cp1252": ("cp1252", "latin-1"),
+}
+_NOT_CHARSETS = frozenset({"unicode_escape", "raw_unicode_escape", "idna", "punycode", "undefined", "utf-7"})
+_BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+_META = re.compile(rb"""<meta\s[^>]*?charset\s*=\s*["']?\s*([A-Za-z0-9_.:\-]+)""", re.I)
+_XML_DECL = re.compile(rb"""^\s*<\?xml\s[^>]*?encoding\s*=\s*["']([A-Za-z0-9_.:\-]+)""", re.I)
+_PRESCAN = 16384  # bytes searched for a declaration
+_SAMPLE = 65536  # bytes scored by detection
+_CJK_CANDIDATES = ("gb18030", "big5hkscs")
+
+
+def _normalise_encoding(label: str | None, *, from_meta: bool = False) -> str | None:
+    """The codec to decode a page labelled ``label`` with, or None for an unknown or unsafe label."""
+    if not label:
         return None
+    label = label.strip().strip("\"'").lower()
+    label = _LABELS.get(label, label)
     try:
-        canonical = codecs.lookup(name.strip().strip("\"'")).name
+        info = codecs.lookup(label)
     except LookupError:
         return None
-    # pages labelled gb2312/gbk are routinely gb18030 in practice (a superset)
-    return "gb18030" if canonical in ("gb2312", "gbk", "euc_cn") else canonical
+    name = info.name
+    if name in _NOT_CHARSETS or not getattr(info, "_is_text_encoding", True):
+        return None
+    if from_meta and name.startswith("utf-16"):
+        return "utf-8"  # a declaration readable as ASCII is not UTF-16 (as browsers decide)
+    return _CANONICAL.get(name, name)
+
+
+def _declared_in_body(content: bytes) -> str | None:
+    head = content[:_PRESCAN]
+    match = _XML_DECL.search(head) or _META.search(head)
+    return match.group(1).decode("ascii", "replace") if match else None
+
+
+def _decode_strict(content: bytes, encoding: str) -> str | None:
+    for codec in _FAMILY.get(encoding, (encoding,)):
+        try:
+            return content.decode(codec)
+        except UnicodeDecodeError:
+            continue
+    return None
+
+
+def _decode_loose(content: bytes, encoding: str) -> str:
+    text = _decode_strict(content, encoding)
+    return text if text is not None else content.decode(_FAMILY.get(encoding, (encoding,))[0], errors="replace")
+
+
+@functools.cache
+def _common_chinese() -> frozenset[str]:
+    """Frequent hanzi, simplified and traditional, read off the codecs themselves.
+
+    GB2312 level 1 (rows B0-D7) holds the 3755 most used simplified characters; Big5's
+    "frequent" block (A440-C67E) the 5401 most used traditional ones. Plus CJK punctuation.
+    """
+    chars: set[str] = set()
+    for lead in range(0xB0, 0xD8):
+        for trail in range(0xA1, 0xFF):
+            chars.add(bytes((lead, trail)).decode("gb2312", errors="replace"))
+    for lead in range(0xA4, 0xC7):
+        for trail in itertools.chain(range(0x40, 0x7F), range(0xA1, 0xFF)):
+            if (lead, trail) > (0xC6, 0x7E):
+                break
+            chars.add(bytes((lead, trail)).decode("big5", errors="replace"))
+    # CJK punctuation: ideographic space to the black lenticular brackets, fullwidth punctuation,
+    # fullwidth tilde, curly quotes, em dash, ellipsis, middle dot
+    chars.update(map(chr, (*range(0x3000, 0x3012), *range(0xFF01, 0xFF20), 0xFF5E)))
+    chars.update(map(chr, (0x2014, 0x2018, 0x2019, 0x201C, 0x201D, 0x2026, 0x00B7)))
+    chars.discard("\ufffd")
+    return frozenset(chars)
+
+
+def _is_bad(char: str) -> bool:
+    """Characters a right decoding rarely yields: replacement, private use, C1 controls."""
+    o = ord(char)
+    return o == 0xFFFD or 0xE000 <= o <= 0xF8FF or 0x80 <= o <= 0x9F or o >= 0xF0000
+
+
+def _score_cjk(text: str) -> float:
+    """Share of the non-ASCII characters that are frequent hanzi, minus 4 per bad one."""
+    common = _common_chinese()
+    good = bad = total = 0
+    for char, n in Counter(text).items():
+        if char < "\x80":
+            continue
+        total += n
+        if char in common:
+            good += n
+        elif _is_bad(char):
+            bad += n
+    return (good - 4 * bad) / total if total else 0.0
+
+
+# typographic marks of Latin text: no-break space, guillemets, copyright, degree, pound, and
+# windows-1252's curly quotes, dashes, ellipsis, bullet, euro and trade mark
+_LATIN_MARKS = frozenset(
+    "\xa0\xab\xbb\xa9\xae\xb0\xa3\u2018\u2019\u201a\u201c\u201d\u201e\u2013\u2014\u2026\u2022\u20ac\u2122"
+)
+_NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]{2,}")
+
+
+def _score_latin(text: str) -> float:
+    """For windows-1252: non-ASCII characters are letters standing alone between ASCII.
+
+    CJK bytes read as windows-1252 form runs of symbols (the lead bytes of frequent
+    Big5 and GB2312 characters are A4-D7: mostly symbols and capitals).
+    """
+    good = bad = total = 0
+    for char, n in Counter(text).items():
+        if char < "\x80":
+            continue
+        total += n
+        if _is_bad(char):
+            bad += n
+        elif char.isalpha() or char in _LATIN_MARKS:
+            good += n
+    runs = sum(len(run) - 1 for run in _NON_ASCII_RUN.findall(text))
+    return (good - 4 * bad - runs) / total if total else 0.0
+
+
+def _plausible_utf8(text: str) -> bool:
+    """Valid UTF-8 that is not GBK in disguise: a character beyond U+07FF, or one script only.
+
+    Two GBK characters form valid 2-byte UTF-8 now and then (``未知`` reads as Greek
+    and Hebrew); real text with only 2-byte sequences sticks to one script besides Latin.
+    """
+    scripts = set()
+    for char in set(text):
+        o = ord(char)
+        if o >= 0x800:
+            return True
+        if o >= 0x370:
+            scripts.add(o >> 7 if o >= 0x530 else o >> 8)  # Greek+Cyrillic blocks, then by 128
+    return len(scripts) <= 1
+
+
+def _detect(content: bytes, declared: list[str]) -> str:
+    sample = content[:_SAMPLE]
+    text: str | None
+    try:
+        text = sample.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = None
+        if len(content) > len(sample) and exc.start >= len(sample) - 3 and exc.reason == "unexpected end of data":
+            text = sample[: exc.start].decode("utf-8")  # the sample ends inside a character
+    if text is not None:
+        if text.isascii() or _plausible_utf8(text):
+            return "utf-8"
+        gb = _decode_strict(sample, "gb18030")
+        return "gb18030" if gb is not None and _score_cjk(gb) >= 0.999 else "utf-8"
+    best, best_score = "", float("-inf")
+    # declarations first (a declared page with a few bad bytes keeps its declaration), then
+    # GB18030 before Big5 (the more common on ties), windows-1252 last: its label is many
+    # servers' default, so it earns no preference
+    candidates = [c for c in declared if c != "cp1252"]
+    candidates += [c for c in (*_CJK_CANDIDATES, "cp1252") if c not in candidates]
+    for encoding in candidates:
+        decoded = _decode_loose(sample, encoding)
+        score = _score_latin(decoded) if encoding == "cp1252" else _score_cjk(decoded)
+        if encoding in declared and encoding != "cp1252":
+            score += 0.05
+        if score > best_score:
+            best, best_score = encoding, score
+    return best
+
+
+def _decode(content: bytes, header_charset: str | None = None, forced: str | None = None) -> tuple[str, str]:
+    forced_encoding = _normalise_encoding(forced)
+    if forced_encoding:
+        return _decode_loose(content, forced_encoding), forced_encoding
+    for bom, bom_encoding in _BOMS:
+        if content.startswith(bom):
+            return content[len(bom) :].decode(bom_encoding, errors="replace"), bom_encoding
+    declared: list[str] = []
+    for label in (
+        _normalise_encoding(header_charset),
+        _normalise_encoding(_declared_in_body(content), from_meta=True),
+    ):
+        if label and label not in declared:
+            declared.append(label)
+            text = _decode_strict(content, label)
+            # ISO-8859-1 is many servers' default label and decodes anything: with non-ASCII
+            # bytes it is only one candidate of the detection (a GBK or UTF-8 page behind it)
+            if text is not None and (label != "cp1252" or text.isascii()):
+                return text, label
+    detected = _detect(content, declared)
+    return _decode_loose(content, detected), detected
+
+
+def detect_encoding(content: bytes, header_charset: str | None = None, forced: str | None = None) -> str:
+    """The codec :func:`decode_body` decodes ``content`` with (for instance ``'gb18030'``)."""
+    return _decode(content, header_charset, forced)[1]
 
 
 def decode_body(content: bytes, header_charset: str | None = None, forced: str | None = None) -> str:
-    """Decode a body: forced encoding, then the header charset, then ``<meta>``, then detection."""
-    for candidate in (forced, header_charset):
-        enc = _normalise_encoding(candidate)
-        if enc:
-            try:
-                return content.decode(enc)
-            except UnicodeDecodeError:
-                if candidate is forced and forced:
-                    return content.decode(enc, errors="replace")
-    match = _META_CHARSET.search(content[:4096])
-    if match:
-        enc = _normalise_encoding(match.group(1).decode("ascii", "ignore"))
-        if enc:
-            try:
-                return content.decode(enc)
-            except UnicodeDecodeError:
-                pass
-    for enc in _DETECT_ORDER:
-        try:
-            return content.decode(enc)
-        except UnicodeDecodeError:
-            continue
-    return content.decode("utf-8", errors="replace")
+    """Decode a body as a browser would, with detection where nothing is declared.
+
+    Order: ``forced``; a byte-order mark; ``header_charset`` (the ``Content-Type``
+    charset); a ``<meta charset>``, ``http-equiv`` or XML declaration in the first 16 KB.
+    A declaration is used when the body decodes under it without error. Otherwise the
+    body is detected: valid UTF-8 is UTF-8 (unless it reads as a few stray Greek/Hebrew
+    letters that GBK bytes happen to form); else GB18030, Big5(-HKSCS), windows-1252 and
+    the failed declarations are each decoded, and the one whose non-ASCII characters are
+    most often frequent Chinese characters (derived from the GB2312 level-1 and Big5
+    frequent blocks) and least often replacement/private-use characters wins. Big5 bytes
+    read as GBK give kana, Greek, box drawing and rare characters; GBK read as Big5 gives
+    undefined and rare characters; both lose to the right reading. Undecodable bytes
+    become U+FFFD.
+    """
+    return _decode(content, header_charset, forced)[0]
+
+
+# -- response --------------------------------------------------------------------------
 
 
 class Response:
-    """A fetched response: ``status``, ``headers``, ``url`` (after redirects), ``content``,
-    ``text`` (decoded lazily) and ``json()``."""
+    """A fetched response.
+
+    ``status``, ``reason``, ``headers`` (case-insensitive), ``url`` (after redirects),
+    ``history`` (the redirect URLs), ``cookies`` (``Set-Cookie`` names and values),
+    ``content`` (bytes), ``text`` (decoded lazily, see :func:`decode_body`), ``encoding``
+    (the codec ``text`` used) and ``json()``.
+    """
 
     def __init__(
         self,
@@ -86,102 +410,244 @@ class Response:
         headers: CIMultiDictProxy[str],
         url: str,
         content: bytes,
-        charset: str | None,
+        charset: str | None = None,
         encoding: str | None = None,
         history: tuple[str, ...] = (),
+        reason: str = "",
+        cookies: dict[str, str] | None = None,
     ) -> None:
         self.status = status
+        self.reason = reason
         self.headers = headers
         self.url = url
         self.content = content
         self.history = history
+        self.cookies: dict[str, str] = cookies or {}
         self._charset = charset
-        self._encoding = encoding
-        self._text: str | None = None
+        self._forced = encoding
+        self._decoded: tuple[str, str] | None = None
+
+    def _decode(self) -> tuple[str, str]:
+        if self._decoded is None:
+            self._decoded = _decode(self.content, self._charset, self._forced)
+        return self._decoded
 
     @property
     def text(self) -> str:
-        if self._text is None:
-            self._text = decode_body(self.content, self._charset, self._encoding)
-        return self._text
+        """The body as text (decoded once, on first use)."""
+        return self._decode()[0]
 
-    def json(self) -> Any:
-        return jsonlib.loads(self.text)
+    @property
+    def encoding(self) -> str:
+        """The codec ``text`` is decoded with, e.g. ``'utf-8'``, ``'gb18030'``, ``'big5hkscs'``."""
+        return self._decode()[1]
+
+    def json(self, **kwargs: Any) -> Any:
+        """The body parsed as JSON (``kwargs`` go to :func:`json.loads`)."""
+        return jsonlib.loads(self.text, **kwargs)
 
     def __repr__(self) -> str:
-        return f"<Response [{self.status}] {self.url}>"
+        return f"<Response [{self.status}] {mask_url(self.url)}>"
+
+
+# -- the loop's client -----------------------------------------------------------------
+
+
+class _Host:
+    __slots__ = ("next_start", "semaphore", "users")
+
+    def __init__(self, limit: int) -> None:
+        self.semaphore = asyncio.Semaphore(limit) if limit > 0 else None
+        self.next_start = 0.0
+        self.users = 0
 
 
 class HttpClient:
-    """The loop's shared session, created inside the running event loop on first use."""
+    """The loop's HTTP state: its session, its defaults and its per-host gates.
+
+    The session is created on the first request, inside the running event loop, and
+    closed by :meth:`close` (the loop calls it when it stops).
+    """
 
     def __init__(self, loop: AsyncLoop) -> None:
         opts = loop.settings.loop
+        self.loop = loop
         self.user_agent: str = opts["user_agent"] or DEFAULT_USER_AGENT
         self.timeout: float = opts["request_timeout"]
         self.max_body: int = opts["max_body_size"]
-        self.per_host_delay: float = opts["per_host_delay"]
-        self._limit = max(loop.concurrency, 1)
-        self._per_host: int = opts["per_host_limit"]
-        self._host_next: dict[str, float] = {}
-        self._host_locks: dict[str, asyncio.Lock] = {}
-        self.loop = loop
+        self.per_host_limit: int = max(0, opts["per_host_limit"])
+        self.per_host_delay: float = max(0.0, opts["per_host_delay"])
+        self.pool_size: int = max(1, loop.concurrency)
+        extra = getattr(type(loop), "HTTP_HEADERS", None) or {}
+        self.headers: dict[str, str] = {**DEFAULT_HEADERS, **_clean_headers(extra)}
+        if opts["user_agent"] or "user-agent" not in {k.lower() for k in self.headers}:
+            self.headers["User-Agent"] = self.user_agent
         self._session: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._hosts: dict[str, _Host] = {}
+        self._prune_at = _PRUNE_AT
 
-    @property
     def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=self._per_host, ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(
+        """The loop's session; created now if there is none in the running event loop."""
+        running = asyncio.get_running_loop()
+        if self._session is not None and (self._session.closed or self._session_loop is not running):
+            if not self._session.closed:
+                # it cannot be closed from here: its connections belong to the other event loop
+                log.warning("%s: an HTTP session of an earlier event loop was left open; starting anew", self.loop.name)
+                self._session.detach()
+            self._session = None
+            self._hosts.clear()  # their semaphores belong to the old event loop
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self.pool_size, ttl_dns_cache=300)
+            session = aiohttp.ClientSession(
                 connector=connector,
-                headers={"User-Agent": self.user_agent},
-                cookie_jar=aiohttp.DummyCookieJar(),
+                headers=self.headers,
+                cookie_jar=aiohttp.DummyCookieJar(),  # tasks never see each other's cookies
+                max_field_size=_MAX_FIELD_SIZE,
             )
+            # one try is one request: aiohttp would silently resend an idempotent request
+            # once on a dropped connection, which our own retries already do
+            if hasattr(session, "_retry_connection"):
+                session._retry_connection = False
+            self._session, self._session_loop = session, running
         return self._session
 
-    async def polite(self, url: str) -> None:
-        """Space the starts of requests to one host by ``per_host_delay``."""
+    @property
+    def session_open(self) -> bool:
+        """Whether a session exists and is not closed."""
+        return self._session is not None and not self._session.closed
+
+    @asynccontextmanager
+    async def gate(self, url: str) -> AsyncIterator[None]:
+        """Hold one of the ``per_host_limit`` slots of ``url``'s host and wait its ``per_host_delay`` turn."""
+        if self.per_host_limit <= 0 and self.per_host_delay <= 0:
+            yield
+            return
+        key = _host_key(url)
+        host = self._hosts.get(key)
+        if host is None:
+            if len(self._hosts) >= self._prune_at:
+                self._prune()
+            host = self._hosts[key] = _Host(self.per_host_limit)
+        host.users += 1
+        try:
+            if host.semaphore is not None:
+                async with host.semaphore:
+                    await self._take_turn(host)
+                    yield
+            else:
+                await self._take_turn(host)
+                yield
+        finally:
+            host.users -= 1
+            if host.users == 0 and host.next_start <= time.monotonic() and self._hosts.get(key) is host:
+                del self._hosts[key]
+
+    async def _take_turn(self, host: _Host) -> None:
         if self.per_host_delay <= 0:
             return
-        host = urlsplit(url).hostname or ""
-        lock = self._host_locks.setdefault(host, asyncio.Lock())
-        async with lock:
-            now = time.monotonic()
-            wait = self._host_next.get(host, 0.0) - now
-            if wait > 0:
-                await asyncio.sleep(wait)
-            self._host_next[host] = time.monotonic() + self.per_host_delay
+        now = time.monotonic()
+        start = max(now, host.next_start)
+        host.next_start = start + self.per_host_delay
+        if start > now:
+            await asyncio.sleep(start - now)
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, h in self._hosts.items() if h.users == 0 and h.next_start <= now]:
+            del self._hosts[key]
+        self._prune_at = max(_PRUNE_AT, 2 * len(self._hosts))
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Close the session (and its connections); a later request opens a new one."""
+        session, self._session = self._session, None
+        owner, self._session_loop = self._session_loop, None
+        self._hosts.clear()
+        if session is None or session.closed:
+            return
+        if owner is asyncio.get_running_loop():
+            await session.close()
+        else:
+            session.detach()
+
+
+def _host_key(url: str) -> str:
+    try:
+        return urlsplit(url).hostname or ""
+    except ValueError:
+        return ""
+
+
+def _clean_headers(headers: Any) -> dict[str, str]:
+    """Headers as a dict of str (from a dict or a list of pairs); ``None`` values dropped."""
+    if not headers:
+        return {}
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    try:
+        return {str(k): str(v) for k, v in pairs if v is not None}
+    except (TypeError, ValueError):
+        raise TypeError(f"headers must be a dict or a list of pairs, not {type(headers).__name__}") from None
 
 
 def _retry_after(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (seconds or an HTTP date), or None."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError):
+            return None
+    if seconds != seconds:  # NaN
         return None
+    return min(max(0.0, seconds), RETRY_AFTER_MAX)
 
 
 def _backoff(try_no: int) -> float:
-    return min(30.0, 0.5 * 2.0 ** (try_no - 1)) * random.uniform(0.5, 1.0)
+    return float(min(BACKOFF_MAX, BACKOFF_BASE * 2.0 ** (try_no - 1)) * random.uniform(0.5, 1.0))
+
+
+def _retry_status(status: int) -> bool:
+    return status in (408, 429) or (status >= 500 and status != 501)
+
+
+# Errors no retry can mend: they fail the request at once.
+_FATAL: tuple[type[BaseException], ...] = (
+    aiohttp.InvalidURL,
+    aiohttp.TooManyRedirects,
+    aiohttp.ClientConnectorCertificateError,
+    *(
+        cls
+        for cls in (getattr(aiohttp, name, None) for name in ("NonHttpUrlClientError", "RedirectClientError"))
+        if isinstance(cls, type)
+    ),
+)
+
+
+class _Failed(Exception):
+    """One try failed in a way worth another try."""
+
+    def __init__(self, message: str, wait: float | None = None) -> None:
+        super().__init__(message)
+        self.wait = wait
+
+
+class _BodyTooLarge(Exception):
+    pass
 
 
 async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    declared = resp.content_length
+    """The body, streamed; :class:`_BodyTooLarge` as soon as it passes ``limit`` bytes (0: no limit)."""
+    if limit <= 0:
+        return await resp.read()
+    declared = resp.content_length  # a compressed length: the body will be no smaller
     if declared is not None and declared > limit:
-        raise _BodyTooLarge(f"body of {declared} bytes exceeds max_body_size ({limit})")
+        raise _BodyTooLarge(f"body of {declared} bytes exceeds max_body_size ({limit} bytes)")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in resp.content.iter_chunked(65536):
+    async for chunk in resp.content.iter_chunked(_CHUNK):
         size += len(chunk)
         if size > limit:
             raise _BodyTooLarge(f"body exceeds max_body_size ({limit} bytes)")
@@ -189,12 +655,39 @@ async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _request_kwargs(item: Mapping[str, Any], timeout: float, keep_alive: bool | None) -> dict[str, Any]:
+    headers = _clean_headers(item.get("headers"))
+    if keep_alive is False and not any(k.lower() == "connection" for k in headers):
+        headers["Connection"] = "close"
+    params = item.get("params")
+    if isinstance(params, Mapping):
+        params = {str(k): v for k, v in params.items() if v is not None}
+    elif isinstance(params, list):
+        params = [tuple(pair) for pair in params]
+    data, body = item.get("data"), item.get("json")
+    if data is not None and body is not None:
+        raise ValueError("async_web_request: an item has either data or json, not both")
+    if isinstance(data, list):
+        data = [tuple(pair) if isinstance(pair, list) else pair for pair in data]
+    allow_redirects = item.get("allow_redirects")
+    kwargs: dict[str, Any] = {
+        "headers": headers,
+        "params": params or None,
+        "data": data,
+        "json": body,
+        "cookies": item.get("cookies") or None,
+        "proxy": item.get("proxy") or None,
+        "allow_redirects": True if allow_redirects is None else bool(allow_redirects),
+        "timeout": aiohttp.ClientTimeout(total=timeout),
+    }
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
-class _Rejected(Exception):
-    pass
+async def _check(checker: Callable[[str], Any], text: str) -> bool:
+    verdict = checker(text)
+    if inspect.isawaitable(verdict):
+        verdict = await verdict
+    return bool(verdict)
 
 
 async def request(
@@ -203,65 +696,77 @@ async def request(
     *,
     session: aiohttp.ClientSession | None = None,
     keep_alive: bool | None = None,
-    check_html: Any = None,
+    check_html: Callable[[str], Any] | None = None,
 ) -> Response:
-    """Perform ``item`` with retries. See the module docstring."""
+    """Perform ``item`` with retries and return the :class:`Response` (see the module docstring).
+
+    ``session``: an aiohttp session of the caller's (its cookie jar and defaults apply; it
+    is not closed here) instead of the loop's. ``keep_alive=False`` sends
+    ``Connection: close``. ``check_html``: a function of the text (sync or async) used
+    instead of the loop's ``check_html`` method; an exception in it propagates.
+
+    Raises :class:`~achihuo_mini.errors.RequestError` when no try succeeded, and
+    ``ValueError``/``TypeError`` for an item that cannot be sent at all.
+    """
     url = item.get("url")
     if not isinstance(url, str) or not url:
-        raise ValueError(f"async_web_request: item has no url: {item!r}")
+        raise ValueError(f"async_web_request: the item has no url (its keys: {sorted(map(str, item))})")
+    shown = mask_url(url)
     method = str(item.get("method") or "GET").upper()
     tries = item.get("max_retry")
-    tries = 3 if tries is None else max(1, int(tries))
-    timeout = item.get("timeout")
-    timeout = client.timeout if timeout is None else float(timeout)
+    tries = DEFAULT_TRIES if tries is None else max(1, int(tries))
+    timeout = client.timeout if item.get("timeout") is None else float(item["timeout"])
+    if not timeout > 0:
+        raise ValueError(f"async_web_request: timeout must be a positive number of seconds, not {timeout!r}")
+    if session is not None and not isinstance(session, aiohttp.ClientSession):
+        raise TypeError(f"session= must be an aiohttp.ClientSession, not {type(session).__name__}")
+    kwargs = _request_kwargs(item, timeout, keep_alive)
     checker = check_html if check_html is not None else getattr(client.loop, "check_html", None)
-    headers = dict(item.get("headers") or {})
-    if keep_alive is False:
-        headers.setdefault("Connection", "close")
-    kwargs: dict[str, Any] = {
-        "headers": headers,
-        "params": item.get("params"),
-        "data": item.get("data"),
-        "json": item.get("json"),
-        "cookies": item.get("cookies"),
-        "proxy": item.get("proxy"),
-        "allow_redirects": True if item.get("allow_redirects") is None else bool(item.get("allow_redirects")),
-        "timeout": aiohttp.ClientTimeout(total=timeout),
-    }
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    http = session or client.session
+    forced = item.get("encoding")
+    http = session if session is not None else client.session()
     last_error = ""
+    last_exc: BaseException | None = None
     for try_no in range(1, tries + 1):
         wait: float | None = None
-        await client.polite(url)
         try:
-            async with http.request(method, url, **kwargs) as resp:
-                if resp.status in _RETRY_STATUS:
-                    last_error = f"HTTP {resp.status}"
-                    wait = _retry_after(resp.headers.get("Retry-After"))
-                    if wait is not None:
-                        wait = min(wait, 60.0)
-                    raise _Rejected(last_error)
-                content = await _read_limited(resp, client.max_body)
+            async with client.gate(url), http.request(method, url, **kwargs) as resp:
+                if _retry_status(resp.status):
+                    raise _Failed(
+                        f"HTTP {resp.status} {resp.reason or ''}".rstrip(),
+                        _retry_after(resp.headers.get("Retry-After")),
+                    )
+                try:
+                    content = await _read_limited(resp, client.max_body)
+                except _BodyTooLarge:
+                    resp.close()  # drop the connection rather than drain the rest
+                    raise
                 response = Response(
                     resp.status,
                     resp.headers,
                     str(resp.url),
                     content,
                     resp.charset,
-                    item.get("encoding"),
+                    forced,
                     tuple(str(r.url) for r in resp.history),
+                    resp.reason or "",
+                    {name: morsel.value for name, morsel in resp.cookies.items()},
                 )
-            if checker is not None and not checker(response.text):
-                last_error = "check_html rejected the body"
-                raise _Rejected(last_error)
+            if checker is not None and not await _check(checker, response.text):
+                raise _Failed(f"check_html rejected the body (HTTP {response.status})")
             return response
+        except _Failed as exc:
+            last_error, last_exc, wait = str(exc), None, exc.wait
         except _BodyTooLarge as exc:
-            raise RequestError(url, try_no, str(exc)) from exc
-        except _Rejected:
-            pass
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise RequestError(shown, try_no, str(exc)) from None
+        except _FATAL as exc:
+            raise RequestError(shown, try_no, _describe(exc)) from (exc if _shows_no_secret(exc) else None)
+        except TimeoutError as exc:
+            last_error, last_exc = f"{type(exc).__name__}: no complete answer within {timeout:g} s", exc
+        except (aiohttp.ClientError, OSError) as exc:
+            last_error, last_exc = _describe(exc), exc
         if try_no < tries:
-            await asyncio.sleep(wait if wait is not None else _backoff(try_no))
-    raise RequestError(url, tries, last_error)
+            delay = wait if wait is not None else _backoff(try_no)
+            log.debug("%s %s: %s; try %d of %d, next in %.2f s", method, shown, last_error, try_no, tries, delay)
+            await asyncio.sleep(delay)
+    cause = last_exc if last_exc is not None and _shows_no_secret(last_exc) else None
+    raise RequestError(shown, tries, last_error) from cause
