@@ -183,6 +183,15 @@ async def _wait(event: asyncio.Event, timeout: float) -> bool:
     return True
 
 
+def _masked(text: str | None) -> str | None:
+    """Task names are often URLs and errors quote them: no password goes to a log or a dead letter."""
+    if text is None:
+        return None
+    from .http import mask_secrets
+
+    return mask_secrets(text)
+
+
 def _handler_names(cls: type) -> frozenset[str]:
     """Public coroutine methods a subclass defines (nothing ``AsyncLoop`` itself defines)."""
     names = set()
@@ -221,7 +230,9 @@ class AsyncLoop:
 
     Class attributes: ``NAME`` (required, the loop's namespace), ``HANDLER_ALIASES``
     (``{'old_name': 'new_name'}`` for renamed handlers), ``HANDLER_MAX_RETRIES``
-    (``{'handler': n}`` overrides ``max_retries`` per handler).
+    (``{'handler': n}`` overrides ``max_retries`` per handler), ``HTTP_HEADERS``
+    (default headers of ``async_web_request``). Override ``check_html(text)`` to
+    reject bodies (a false value makes ``async_web_request`` try again).
 
     Unknown backends, unknown options and a bad config file raise
     :class:`~achihuo_mini.errors.ConfigError` (or ``BackendNotFound``) here.
@@ -230,6 +241,7 @@ class AsyncLoop:
     NAME: ClassVar[str | None] = None
     HANDLER_ALIASES: ClassVar[dict[str, str]] = {}
     HANDLER_MAX_RETRIES: ClassVar[dict[str, int]] = {}
+    HTTP_HEADERS: ClassVar[dict[str, str]] = {}
 
     def __init__(
         self,
@@ -574,6 +586,13 @@ class AsyncLoop:
     async def run(self) -> None:
         """Seed the first tasks (master only). Optional; runs at every master start."""
 
+    def check_html(self, text: str) -> bool:
+        """Accept or reject a fetched body; a false value makes ``async_web_request`` retry.
+
+        The default accepts everything. Overrides may be ``async def`` too.
+        """
+        return True
+
     async def _open(self) -> None:
         if self._opened:
             return
@@ -718,7 +737,7 @@ class AsyncLoop:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.error("%s: run() failed; what it added is kept:\n%s", self.name, traceback.format_exc())
+            log.error("%s: run() failed; what it added is kept:\n%s", self.name, _masked(traceback.format_exc()))
             self._summary.exit_code = 1
             self._summary.reason = "run() raised"
             self.stop()
@@ -887,7 +906,7 @@ class AsyncLoop:
         attempt.handler = decoded.handler
         handler = self._resolve_handler(decoded.handler)
         if handler is None:
-            log.error("%s: burying task %r: unknown handler %r", self.name, decoded.name, decoded.handler)
+            log.error("%s: burying task %r: unknown handler %r", self.name, _masked(decoded.name), decoded.handler)
             self._bury(lease, f"unknown handler {decoded.handler!r}")
             return
         _ATTEMPT.set(attempt)
@@ -907,7 +926,7 @@ class AsyncLoop:
                 error = f"TimeoutError: handler ran longer than task_timeout ({self._option('task_timeout')} s)"
             else:
                 error = "".join(traceback.format_exception_only(exc)).strip()
-            self._fail(attempt, decoded.name, exc, error)
+            self._fail(attempt, decoded.name, exc, _masked(error) or "")
             return
         self._commits.append(attempt)
         self._kick()
@@ -920,7 +939,13 @@ class AsyncLoop:
         lease = attempt.lease
         self._summary.failed += 1
         if lease.failures >= self._max_retries(attempt.handler):
-            log.error("%s: task %r failed %d times, now a dead letter: %s", self.name, name, lease.failures + 1, error)
+            log.error(
+                "%s: task %r failed %d times, now a dead letter: %s",
+                self.name,
+                _masked(name),
+                lease.failures + 1,
+                error,
+            )
             self._bury(lease, error)
             return
         if isinstance(exc, Retry) and exc.delay is not None:
@@ -928,9 +953,9 @@ class AsyncLoop:
         else:
             base = self._option("retry_delay") * (2**lease.failures)
             delay = min(self._option("retry_max_delay"), base) * random.uniform(0.5, 1.0)
-        log.warning("%s: task %r failed (retry in %.1f s): %s", self.name, name, delay, error)
+        log.warning("%s: task %r failed (retry in %.1f s): %s", self.name, _masked(name), delay, error)
         if self.debug and not isinstance(exc, Retry):
-            log.debug("%s", "".join(traceback.format_exception(exc)))
+            log.debug("%s", _masked("".join(traceback.format_exception(exc))))
         self._retries.append((lease, delay))
         self._summary.retried += 1
         self._kick()

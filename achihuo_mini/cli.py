@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .backend import WorkerRegistry
 from .codec import decode_task
 from .errors import AchihuoError, DecodeError
+from .http import mask_secrets
 
 if TYPE_CHECKING:
     from .async_loop import AsyncLoop
@@ -294,7 +295,7 @@ async def _dead(loop: AsyncLoop, limit: int, requeue: bool) -> int:
     for letter in await loop._queue.dead_letters(limit):
         try:
             task = decode_task(letter.payload)
-            what = f"{task.handler}({task.name!r})"
+            what = f"{task.handler}({mask_secrets(task.name) if task.name is not None else None!r})"
         except DecodeError:
             what = f"<undecodable {len(letter.payload)} bytes>"
         last_line = letter.error.splitlines()[-1] if letter.error else ""

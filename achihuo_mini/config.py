@@ -54,7 +54,7 @@ LOOP_OPTIONS: dict[str, Option] = {
     "require_durable": Option(bool, False, "refuse a backend that reports volatile durability"),
     "user_agent": Option(str, None, "User-Agent header of async_web_request"),
     "request_timeout": Option(float, 30.0, "default total timeout of one HTTP try, seconds"),
-    "max_body_size": Option(int, 64 * 1024 * 1024, "largest HTTP body async_web_request reads, bytes"),
+    "max_body_size": Option(int, 64 * 1024 * 1024, "largest HTTP body async_web_request reads, bytes (0: no limit)"),
     "per_host_limit": Option(int, 0, "concurrent requests per host (0: no limit)"),
     "per_host_delay": Option(float, 0.0, "seconds between the starts of requests to one host"),
 }

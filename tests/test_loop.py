@@ -392,3 +392,20 @@ async def test_leases_of_a_lost_reserve_reply_are_given_back(tmp_path: Any) -> N
     finally:
         registry.unregister_plugin("lossy-plugin")
         drop_namespace("lossy-test")
+
+
+async def test_credentials_in_task_names_never_reach_logs_or_dead_letters(
+    memory_spiders: SpiderFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Leaky(Recorder):
+        async def fetch(self, url: str) -> None:
+            raise RuntimeError(f"could not fetch {url}")
+
+    caplog.set_level("DEBUG", logger="achihuo_mini")
+    loop = memory_spiders(Leaky, max_retries=1, retry_delay=0.01)
+    url = "http://crawler:hunter2@example.test/page"
+    loop.add_task("fetch", url, task_name=url)
+    await loop.serve(idle_exit=0)
+    (letter,) = await _dead_letters(loop)
+    assert "hunter2" not in letter.error and "could not fetch http://crawler:***@example.test/page" in letter.error
+    assert "hunter2" not in caplog.text and "crawler:***@" in caplog.text
