@@ -88,3 +88,39 @@ async def test_demo_crawl_on_the_default_backend(tmp_path: Path) -> None:
     assert "sqlite at " + str(tmp_path) in err
     code, out, err = await run_spider(script, env=env)
     assert code == 0 and out == "", "everything is done already: nothing is fetched again"
+
+
+async def test_mixed_backends_queue_in_redis_done_set_in_sqlite(
+    site: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The config file puts the queue in Redis and the done set in SQLite; a crawl completes."""
+    import uuid
+
+    from demo_crawl import DemoSpider
+
+    redis_url = request.getfixturevalue("redis_url")
+    config = tmp_path / "mixed.toml"
+    config.write_text(
+        "[loop]\nallow_local = true\n"
+        f'[queue]\nbackend = "redis"\nurl = "{redis_url}"\n'
+        '[done]\nbackend = "sqlite"\npath = "done.sqlite3"\n'
+    )
+    monkeypatch.setenv("ACHIHUO_CONFIG", str(config))  # the spider's code names no backend
+    cls = type("MixedSpider", (DemoSpider,), {"NAME": f"mixed-{uuid.uuid4().hex[:8]}"})
+    spider = cls(site)
+    assert (spider.settings.queue.backend, spider.settings.done.backend) == ("redis", "sqlite")
+    assert not spider._shared, "different backends: the loop writes done names before acks"
+    try:
+        summary = await spider.serve(idle_exit=0)
+        assert summary.succeeded == 61 and summary.exit_code == 0
+        await spider._open()
+        assert await spider._done.count() == 61, "the index and 60 pages, each done once"
+        assert (await spider._queue.stats()).active == 0
+        assert (tmp_path / "done.sqlite3").exists()
+        again = await spider.serve(idle_exit=0)
+        assert again.succeeded == 0, "run() seeds '/' with repeat=False: done in SQLite, so skipped"
+    finally:
+        await spider._open()
+        await spider._queue.clear("queue")
+        await spider._done.clear()
+        await spider._close_backends()
