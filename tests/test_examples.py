@@ -124,3 +124,21 @@ async def test_mixed_backends_queue_in_redis_done_set_in_sqlite(
         await spider._queue.clear("queue")
         await spider._done.clear()
         await spider._close_backends()
+
+
+@pytest.mark.processes
+async def test_tasks_added_from_a_separate_script(site: str, tmp_path: Path) -> None:
+    config = tmp_path / "spider.toml"
+    config.write_text(
+        '[queue]\nbackend = "sqlite"\npath = "q.sqlite3"\n[done]\nbackend = "sqlite"\npath = "q.sqlite3"\n'
+    )
+    env = {"START_URL": site, "ACHIHUO_CONFIG": str(config)}
+    code, out, err = await run_spider(ROOT / "examples" / "add_tasks.py", "t/1", "t/2", "t/2", env=env)
+    assert code == 0, err
+    assert out.splitlines() == [f"added {site}t/1", f"added {site}t/2", f"added {site}t/2"]
+    code, out, err = await run_spider(
+        ROOT / "examples" / "seed_spider.py", "start", "--no-run", "--idle-exit", "0", env=env
+    )
+    assert code == 0, err
+    titles = [line for line in out.splitlines() if line.startswith("title:")]
+    assert len(titles) == 10, "two pages of five links each; the duplicate add was skipped"
