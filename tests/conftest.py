@@ -36,77 +36,65 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server this test session started (or the one REDIS_URL names)."""
+    """A redis-server started by the tests on a free port; ``start()`` again restarts it on the same port.
 
-    def __init__(self) -> None:
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.dir: str | None = None
-        env_url = os.environ.get("REDIS_URL")
-        if env_url:
-            self.url = env_url
-            return
+    ``args`` are extra server options (e.g. persistence for the restart test).
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str] | None = None, args: tuple[str, ...] = ()) -> None:
         exe = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
         if not exe:
             pytest.fail(
                 "no Redis for the tests: set REDIS_URL, or install redis-server "
-                "(apt-get install redis-server) so the fixture can start one",
+                "(apt-get install redis-server) so the tests can start their own",
                 pytrace=False,
             )
+        self.exe = exe
+        self.args = args
         self.port = _free_port()
-        self.dir = tempfile.mkdtemp(prefix="achihuo-redis-")
-        self.proc = subprocess.Popen(
-            [
-                exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.dir,
-                "--daemonize",
-                "no",
-                "--loglevel",
-                "warning",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.own_dir = data_dir is None
+        self.dir = str(data_dir) if data_dir is not None else tempfile.mkdtemp(prefix="achihuo-redis-")
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        deadline = time.monotonic() + 10
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        cmd = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--daemonize", "no",
+               "--loglevel", "warning", "--save", "", "--appendonly", "no", *self.args]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                     s.sendall(b"PING\r\n")
                     if s.recv(16).startswith(b"+PONG"):
-                        break
+                        return self
             except OSError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"redis-server {exe} did not start on port {self.port}", pytrace=False)
+                pytest.fail(f"redis-server {self.exe} did not start on port {self.port}", pytrace=False)
             time.sleep(0.02)
 
     def stop(self) -> None:
-        if self.proc is not None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(10)
-        if self.dir:
+            self.proc.wait(20)
+
+    def remove(self) -> None:
+        self.stop()
+        if self.own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def redis_url(redis_server: RedisServer) -> str:
-    return redis_server.url
+def redis_url() -> Iterator[str]:
+    """``REDIS_URL`` when set (tests use unique names there and clean up), else a server of our own."""
+    env_url = os.environ.get("REDIS_URL")
+    if env_url:
+        yield env_url
+        return
+    server = RedisServer().start()
+    yield server.url
+    server.remove()
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from achihuo_mini.config import build_backend_options
 from achihuo_mini.plugins import registry
 from achihuo_mini.testing import wait_until
 
-from .conftest import write_backend_config
+from .conftest import RedisServer, write_backend_config
 
 SPIDER = Path(__file__).parent / "procs" / "crash_spider.py"
 FAST_LOOP = {
@@ -231,71 +231,10 @@ async def test_children_survive_sigkill_right_after_the_handler(crawl: Any) -> N
         await c.assert_all_done(names(10 + 10 * 3))
 
 
-class PersistentRedis:
-    """A redis-server of this test's own, with AOF (appendfsync always), that can be restarted."""
-
-    def __init__(self, tmp: Path) -> None:
-        import shutil
-        import socket
-
-        exe = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
-        if not exe:
-            pytest.fail("redis-server is needed for the restart test (apt-get install redis-server)", pytrace=False)
-        self.exe = exe
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.dir = tmp / "redis-data"
-        self.dir.mkdir()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        import socket
-
-        self.proc = subprocess.Popen(
-            [
-                self.exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.dir),
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--loglevel",
-                "warning",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("the test's redis-server did not start", pytrace=False)
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(20)
-
-
 async def test_redis_restart_mid_run(tmp_path: Path) -> None:
-    server = PersistentRedis(tmp_path)
-    server.start()
+    data = tmp_path / "redis-data"
+    data.mkdir()
+    server = RedisServer(data, ("--appendonly", "yes", "--appendfsync", "always")).start()
     try:
         async with Crawl("redis", {"url": server.url}, tmp_path, concurrency=10) as c:
             durable = getattr(c.queue, "durability", None)
