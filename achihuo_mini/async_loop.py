@@ -165,6 +165,8 @@ class _Attempt:
     handler: str
     outbox: _Outbox = field(default_factory=_Outbox)
     closed: bool = False  # the handler ended: later adds (from tasks it spawned) go to the loop's outbox
+    deadline: float = 0.0  # event-loop time after which the watchdog cancels it (task_timeout)
+    timed_out: bool = False
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> bool:
@@ -275,6 +277,7 @@ class AsyncLoop:
         self._stop_requested = False
         self._force_stop = False
         self._closing = False
+        self._closed = asyncio.Event()
         self._beat_now = asyncio.Event()
         self._notify_task: asyncio.Future[None] | None = None
         self._wake: asyncio.Event | None = None
@@ -671,6 +674,7 @@ class AsyncLoop:
         self._aloop = asyncio.get_running_loop()
         self._serving = True
         self._stop_requested = self._force_stop = self._closing = False
+        self._closed = asyncio.Event()
         self._wake = asyncio.Event()
         self._stop_event = asyncio.Event()
         self._flush_wanted = asyncio.Event()
@@ -715,6 +719,7 @@ class AsyncLoop:
             background = [
                 asyncio.create_task(self._committer(), name=f"{self.name}-committer"),
                 asyncio.create_task(self._heartbeat(role), name=f"{self.name}-heartbeat"),
+                asyncio.create_task(self._watchdog(), name=f"{self.name}-watchdog"),
             ]
             await self._dispatch(idle_exit, seeder)
         except (BackendError, ConfigError) as exc:
@@ -873,6 +878,22 @@ class AsyncLoop:
 
     # -- attempts -----------------------------------------------------------
 
+    def _task_deadline(self) -> float:
+        assert self._aloop is not None
+        return self._aloop.time() + float(self._option("task_timeout"))
+
+    async def _watchdog(self) -> None:
+        """Cancel handlers running past ``task_timeout`` (one timer for all, not one per task)."""
+        assert self._aloop is not None
+        interval = min(1.0, self._option("task_timeout") / 4)
+        while not self._closing:
+            await _wait(self._closed, interval)
+            now = self._aloop.time()
+            for task, attempt in list(self._running.items()):
+                if attempt.deadline <= now and not attempt.timed_out and not attempt.closed:
+                    attempt.timed_out = True
+                    task.cancel("task_timeout")
+
     async def _release_unknown_leases(self) -> None:
         """After a reserve whose outcome is unknown: give back leases we hold but never saw."""
         if isinstance(self._queue, WorkerRegistry):
@@ -885,7 +906,7 @@ class AsyncLoop:
 
     def _start_attempt(self, lease: Lease) -> None:
         self._known.add(lease.task_id)
-        attempt = _Attempt(self, lease, "")
+        attempt = _Attempt(self, lease, "", deadline=self._task_deadline())
         task = asyncio.create_task(self._run_attempt(attempt))
         self._running[task] = attempt
         task.add_done_callback(self._attempt_finished)
@@ -912,20 +933,20 @@ class AsyncLoop:
         _ATTEMPT.set(attempt)
         try:
             try:
-                async with asyncio.timeout(self._option("task_timeout")):
-                    await handler(*decoded.args)
+                await handler(*decoded.args)
             finally:
                 attempt.closed = True
         except asyncio.CancelledError:
+            if attempt.timed_out:  # the watchdog cancelled it: a failure like any other (retried, not lost)
+                timed_out = TimeoutError(f"handler ran longer than task_timeout ({self._option('task_timeout')} s)")
+                self._fail(attempt, decoded.name, timed_out, f"TimeoutError: {timed_out}")
+                return
             # a stop cancelled us: the lease goes back to the queue head, the outbox is discarded
             self._releases.append(lease)
             self._kick()
             return
         except Exception as exc:
-            if isinstance(exc, TimeoutError):
-                error = f"TimeoutError: handler ran longer than task_timeout ({self._option('task_timeout')} s)"
-            else:
-                error = "".join(traceback.format_exception_only(exc)).strip()
+            error = "".join(traceback.format_exception_only(exc)).strip()
             self._fail(attempt, decoded.name, exc, _masked(error) or "")
             return
         self._commits.append(attempt)
@@ -1137,6 +1158,7 @@ class AsyncLoop:
         # the committer and the heartbeat finish the call they are in (a write cut off
         # mid-flight would be repeated and show up as fenced), then end
         self._closing = True
+        self._closed.set()
         assert self._flush_wanted is not None
         self._flush_wanted.set()
         self._beat_now.set()
