@@ -237,6 +237,15 @@ def _unpack(reply: bytes) -> Any:
     return msgpack.unpackb(reply, raw=True)
 
 
+def _leases(reply: Sequence[Any], worker: str) -> list[Lease]:
+    """Leases from a script's flat reply: id, payload, key ('' = unnamed), attempt, failures."""
+    return [
+        Lease(int(reply[i]), bytes(reply[i + 1]), bytes(reply[i + 2]) or None, worker, int(reply[i + 3]),
+              int(reply[i + 4]))
+        for i in range(0, len(reply), 5)
+    ]  # fmt: skip
+
+
 def _token(lease: Lease) -> bytes:
     """The fencing token the backend keeps for a held lease."""
     return f"{lease.attempt}:".encode() + lease.worker.encode("utf-8", "surrogatepass")
@@ -487,12 +496,7 @@ class RedisQueue(_RedisBackend):
         """Promote due delayed tasks (server clock), then lease up to ``limit`` from the head."""
         if limit <= 0:
             return []
-        reply = _unpack(await self._script("reserve", [_wid(worker), limit, PROMOTE_MAX]))
-        return [
-            Lease(int(reply[i]), bytes(reply[i + 1]), bytes(reply[i + 2]) or None, worker, int(reply[i + 3]),
-                  int(reply[i + 4]))
-            for i in range(0, len(reply), 5)
-        ]  # fmt: skip
+        return _leases(_unpack(await self._script("reserve", [_wid(worker), limit, PROMOTE_MAX])), worker)
 
     async def commit(self, commits: Sequence[Commit]) -> int:
         """Ack a batch in one script: per commit, fencing check, ack, undone, done, children."""
@@ -609,12 +613,7 @@ class RedisQueue(_RedisBackend):
 
     async def leases(self, worker: str) -> list[Lease]:
         """Every lease ``worker`` holds, oldest task first (one script call)."""
-        reply = _unpack(await self._script("leases", [_wid(worker)]))
-        return [
-            Lease(int(reply[i]), bytes(reply[i + 1]), bytes(reply[i + 2]) or None, worker, int(reply[i + 3]),
-                  int(reply[i + 4]))
-            for i in range(0, len(reply), 5)
-        ]  # fmt: skip
+        return _leases(_unpack(await self._script("leases", [_wid(worker)])), worker)
 
     async def recover(self) -> int:
         """Unregister expired workers and release their (and orphaned) leases to the head.

@@ -1,14 +1,7 @@
 -- leases: ARGV = worker. Every lease the worker holds, oldest task first, as
 -- msgpack of a flat list with 5 fields per lease (like reserve):
 -- id, payload, key ('' = unnamed), attempt, failures.
-local worker = ARGV[1]
-local ids = {}
-local leased = redis.call('HGETALL', K.leased)
-for i = 1, #leased, 2 do
-  if token_worker(leased[i + 1]) == worker then
-    ids[#ids + 1] = leased[i]
-  end
-end
+local ids = worker_lease_ids(ARGV[1])
 table.sort(ids, function(a, b) return tonumber(a) < tonumber(b) end)
 local out = {}
 if #ids == 0 then

@@ -162,6 +162,18 @@ local function token_worker(token)
   return string.sub(token, string.find(token, ':', 1, true) + 1)
 end
 
+-- Ids of the tasks `worker` holds a lease on (any order).
+local function worker_lease_ids(worker)
+  local ids = {}
+  local leased = redis.call('HGETALL', K.leased)
+  for i = 1, #leased, 2 do
+    if token_worker(leased[i + 1]) == worker then
+      ids[#ids + 1] = leased[i]
+    end
+  end
+  return ids
+end
+
 -- Give up leases (by id, any order) and put the tasks back at the head in id order.
 local function release_ids(ids)
   table.sort(ids, function(a, b) return tonumber(a) < tonumber(b) end)
