@@ -1,0 +1,25 @@
+"""Each benchmark still runs (at a small size: speed is measured by the scripts, not asserted here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+pytestmark = pytest.mark.processes
+
+
+def run(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_throughput_benchmark_runs(redis_url: str) -> None:
+    out = run("throughput.py", "-n", "500", "--redis-url", redis_url)
+    for row in ("bare asyncio.Queue", "| memory", "| sqlite", "| redis"):
+        assert row in out
