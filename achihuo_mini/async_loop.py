@@ -77,6 +77,7 @@ _ATTEMPT: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar("achi
 
 _RELEASE_WAIT = 2.0  # seconds cancelled handlers get to unwind before their leases are released
 _BULK_CHUNK = 1000
+_PARK_DELAY = 2.0  # seconds a task for a handler only a peer has is held before it goes back
 _NOTIFY_WAIT = 5.0  # seconds one backend wait for new tasks may block (local events wake us sooner)
 _BACKGROUND_WAIT = 15.0  # seconds the committer/heartbeat get to finish their call at shutdown
 
@@ -279,6 +280,11 @@ class AsyncLoop:
         self._closing = False
         self._closed = asyncio.Event()
         self._beat_now = asyncio.Event()
+        self._known: set[int] = set()  # task ids of leases this incarnation holds and knows about
+        self._reserve_uncertain = False
+        self._parked: list[tuple[float, Lease]] = []  # (event-loop time to release, lease)
+        self._peer_handlers: set[str] = set()
+        self._peers_at = float("-inf")
         self._notify_task: asyncio.Future[None] | None = None
         self._wake: asyncio.Event | None = None
         self._stop_event: asyncio.Event | None = None
@@ -681,8 +687,10 @@ class AsyncLoop:
         self._beat_now = asyncio.Event()
         self._summary = RunSummary()
         self._rate_samples: collections.deque[tuple[float, int]] = collections.deque()
-        self._known: set[int] = set()  # task ids of leases this incarnation holds and knows about
+        self._known = set()
         self._reserve_uncertain = False
+        self._parked = []
+        self._peers_at = float("-inf")
         self._started_wall = time.time()
         started = time.monotonic()
         self._worker = uuid.uuid4().hex
@@ -878,6 +886,26 @@ class AsyncLoop:
 
     # -- attempts -----------------------------------------------------------
 
+    async def _peer_handles(self, handler: str) -> bool:
+        """Does another live worker advertise ``handler`` (its heartbeat lists its handlers)?"""
+        if not isinstance(self._queue, WorkerRegistry):
+            return False
+        now = time.monotonic()
+        if now - self._peers_at > self._option("heartbeat_interval"):
+            try:
+                workers = await self._queue.workers()
+            except BackendError:
+                return False
+            lease_timeout = self._option("lease_timeout")
+            self._peer_handlers = {
+                h
+                for w in workers
+                if w.worker != self._worker and w.age <= lease_timeout
+                for h in w.info.get("handlers", ())
+            }
+            self._peers_at = now
+        return handler in self._peer_handlers
+
     def _task_deadline(self) -> float:
         assert self._aloop is not None
         return self._aloop.time() + float(self._option("task_timeout"))
@@ -927,6 +955,11 @@ class AsyncLoop:
         attempt.handler = decoded.handler
         handler = self._resolve_handler(decoded.handler)
         if handler is None:
+            if await self._peer_handles(decoded.handler):
+                # a rolling deploy: a live worker runs a version that has this handler
+                assert self._aloop is not None
+                self._parked.append((self._aloop.time() + _PARK_DELAY, lease))
+                return
             log.error("%s: burying task %r: unknown handler %r", self.name, _masked(decoded.name), decoded.handler)
             self._bury(lease, f"unknown handler {decoded.handler!r}")
             return
@@ -1016,8 +1049,19 @@ class AsyncLoop:
                 await asyncio.sleep(min(5.0, 0.1 * 2**failures))
                 self._flush_wanted.set()
 
+    def _unpark(self, everything: bool = False) -> None:
+        """Parked leases (tasks for a handler only a peer has) go back to the queue when due."""
+        if self._parked:
+            assert self._aloop is not None
+            now = self._aloop.time()
+            due = [lease for at, lease in self._parked if everything or at <= now]
+            if due:
+                self._parked = [(at, lease) for at, lease in self._parked if not (everything or at <= now)]
+                self._releases.extend(due)
+
     async def _write_batch(self) -> None:
         """One round of writes. What fails is put back, so a later round retries it."""
+        self._unpark(everything=self._closing)
         q = self._queue
         if self._commits:
             attempts, self._commits = self._commits, []

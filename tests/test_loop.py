@@ -409,3 +409,40 @@ async def test_credentials_in_task_names_never_reach_logs_or_dead_letters(
     (letter,) = await _dead_letters(loop)
     assert "hunter2" not in letter.error and "could not fetch http://crawler:***@example.test/page" in letter.error
     assert "hunter2" not in caplog.text and "crawler:***@" in caplog.text
+
+
+async def test_rolling_deploy_leaves_new_handlers_to_workers_that_have_them(spiders: SpiderFactory) -> None:
+    """An old worker that lacks a handler a live new worker advertises holds the task back instead of burying it."""
+
+    class Old(Recorder):
+        pass
+
+    class New(Recorder):
+        gate = asyncio.Event()
+        entered = asyncio.Event()
+
+        async def block(self) -> None:
+            New.entered.set()
+            await New.gate.wait()
+
+        async def added_in_v2(self, value: str) -> None:
+            self.ran.append(value)
+
+    name = spiders.subclass(Old).NAME
+    old = type("Old", (Old,), {"NAME": name})(config_file=spiders.config, heartbeat_interval=0.05)
+    new = type("New", (New,), {"NAME": name})(config_file=spiders.config, heartbeat_interval=0.05, concurrency=1)
+    new.add_task("block")
+    new.add_task("added_in_v2", "v2 task")
+    await new.flush()
+    new_serving = asyncio.ensure_future(new.serve(slave=True))
+    await asyncio.wait_for(New.entered.wait(), 30)  # the new worker is busy: the old one gets the v2 task
+    old_serving = asyncio.ensure_future(old.serve(idle_exit=0.3))
+    while not old._parked:
+        assert not old_serving.done(), "the old worker ended without holding the task back"
+        await asyncio.sleep(0.01)
+    New.gate.set()
+    old_summary = await asyncio.wait_for(old_serving, 30)
+    new.stop()
+    await asyncio.wait_for(new_serving, 30)
+    assert new.ran == ["v2 task"]
+    assert old_summary.buried == 0 and await _dead_letters(old) == []
