@@ -23,3 +23,13 @@ def test_throughput_benchmark_runs(redis_url: str) -> None:
     out = run("throughput.py", "-n", "500", "--redis-url", redis_url)
     for row in ("bare asyncio.Queue", "| memory", "| sqlite", "| redis"):
         assert row in out
+
+
+def test_scaling_benchmark_runs(redis_url: str) -> None:
+    out = run("scaling.py", "-n", "500", "-k", "1", "2", "-r", "1", "--redis-url", redis_url)
+    assert "| 1 " in out and "| 2 " in out and "ceiling" in out
+
+
+def test_memory_benchmark_runs(redis_url: str) -> None:
+    out = run("memory.py", "-n", "2000", "--redis-url", redis_url)
+    assert "memory backend" in out and "| sqlite" in out and "| redis" in out
