@@ -192,16 +192,12 @@ def load_settings(
             sources[name] = label
     if loop["concurrency"] < 1:
         raise ConfigError(f"{sources['concurrency']} 'concurrency': must be at least 1, got {loop['concurrency']}")
-    for name in (
-        "grace_period",
-        "lease_timeout",
-        "heartbeat_interval",
-        "task_timeout",
-        "retry_delay",
-        "flush_interval",
-    ):
+    for name in ("grace_period", "retry_delay", "retry_max_delay", "per_host_delay"):
         if loop[name] < 0:
             raise ConfigError(f"{sources[name]} {name!r}: must not be negative, got {loop[name]}")
+    for name in ("lease_timeout", "heartbeat_interval", "task_timeout", "flush_interval", "request_timeout"):
+        if not loop[name] > 0:
+            raise ConfigError(f"{sources[name]} {name!r}: must be more than 0, got {loop[name]}")
     if loop["max_retries"] < 0:
         raise ConfigError(f"{sources['max_retries']} 'max_retries': must not be negative")
 

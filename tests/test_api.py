@@ -226,6 +226,8 @@ def test_section_backend_overrides_cache_backend(tmp_path: Path) -> None:
         ("[loop]\nconcurency = 3", "unknown option 'concurency'"),
         ("[loop]\nconcurrency = 0", "at least 1"),
         ("[loop]\ngrace_period = -1", "must not be negative"),
+        ("[loop]\ntask_timeout = 0", "'task_timeout': must be more than 0"),
+        ("[loop]\nflush_interval = 0", "'flush_interval': must be more than 0"),
         ("[queu]\nbackend = 'memory'", "unknown section [queu]"),
         ("loop = 3", "[loop] must be a table"),
         ("[queue]\nbackend = 'nosuch'", "unknown backend 'nosuch'"),
