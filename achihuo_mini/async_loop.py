@@ -563,6 +563,26 @@ class AsyncLoop:
             self._outbox = outbox
             raise
 
+    async def clear_data(self, what: str = "all") -> None:
+        """Delete this loop's data: ``queue`` (ready, delayed, leased), ``dead``, ``done`` or ``all``.
+
+        The command line's ``clear``, for scripts. It does not check for running workers.
+        """
+        if what not in ("queue", "dead", "done", "all"):
+            raise ValueError(f"clear_data: what must be queue, dead, done or all, not {what!r}")
+        opened_here = not self._opened
+        await self._open()
+        try:
+            if what in ("queue", "all"):
+                await self._queue.clear("queue")
+            if what in ("dead", "all"):
+                await self._queue.clear("dead")
+            if what in ("done", "all"):
+                await self._done.clear()
+        finally:
+            if opened_here:
+                await self._close_backends()
+
     # -- lifecycle ----------------------------------------------------------
 
     def stop(self) -> None:

@@ -277,12 +277,7 @@ async def _clear(loop: AsyncLoop, what: str, yes: bool, force: bool) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing cleared")
             return 1
-    if what in ("queue", "all"):
-        await loop._queue.clear("queue")
-    if what in ("dead", "all"):
-        await loop._queue.clear("dead")
-    if what in ("done", "all"):
-        await loop._done.clear()
+    await loop.clear_data(what)
     print(f"cleared {what} of loop {loop.name!r}")
     return 0
 

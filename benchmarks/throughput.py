@@ -76,13 +76,7 @@ async def run_backend(backend: str, n: int, concurrency: int, redis_url: str, tm
     run_s = time.perf_counter() - started
     cpu_s = time.process_time() - cpu
     assert summary.succeeded == n, f"{backend}: {summary.succeeded} of {n} ran"
-    await loop._open()
-    try:
-        await loop._queue.clear("queue")
-        await loop._queue.clear("dead")
-        await loop._done.clear()
-    finally:
-        await loop._close_backends()
+    await loop.clear_data()
     return {"backend": backend, "add_s": add_s, "run_s": run_s, "cpu_s": cpu_s}
 
 
