@@ -123,6 +123,8 @@ def test_name_key_is_fixed_size_and_distinct() -> None:
         "async_web_request",
         "serve",
         "task_done",
+        "clear_data",
+        "check_html",
         42,
     ],
 )
