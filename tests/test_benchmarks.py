@@ -33,3 +33,9 @@ def test_scaling_benchmark_runs(redis_url: str) -> None:
 def test_memory_benchmark_runs(redis_url: str) -> None:
     out = run("memory.py", "-n", "2000", "--redis-url", redis_url)
     assert "memory backend" in out and "| sqlite" in out and "| redis" in out
+
+
+def test_crawl_benchmark_runs(redis_url: str) -> None:
+    out = run("crawl.py", "-n", "300", "--redis-url", redis_url)
+    for row in ("bare aiohttp", "achihuo_mini memory", "achihuo_mini sqlite", "achihuo_mini redis"):
+        assert row in out
