@@ -10,6 +10,7 @@ of the namespaces they create.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -608,8 +609,10 @@ async def test_four_processes_deliver_each_task_exactly_once(
         procs.append(
             await asyncio.create_subprocess_exec(
                 sys.executable,
-                str(PROCS / "redis_worker.py"),
-                redis_url,
+                str(PROCS / "queue_worker.py"),
+                "consume",
+                "redis",
+                json.dumps({"url": redis_url}),
                 ns,
                 str(out),
                 "25",

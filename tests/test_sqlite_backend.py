@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import sqlite3
@@ -26,7 +27,7 @@ from achihuo_mini_backends import sqlite as sqlite_backend
 from achihuo_mini_backends.memory import MemoryDoneSet, MemoryQueue, drop_namespace
 from achihuo_mini_backends.sqlite import SCHEMA_VERSION, SqliteDoneSet, SqliteQueue
 
-WORKER_SCRIPT = Path(__file__).parent / "procs" / "sqlite_worker.py"
+WORKER_SCRIPT = Path(__file__).parent / "procs" / "queue_worker.py"
 K = name_key
 
 
@@ -400,7 +401,8 @@ async def _start_consumers(db: Path, namespace: str, out_dir: Path, n: int, batc
                 sys.executable,
                 str(WORKER_SCRIPT),
                 "consume",
-                str(db),
+                "sqlite",
+                json.dumps({"path": str(db)}),
                 namespace,
                 str(out_dir / f"out-{i}.txt"),
                 str(batch),
@@ -456,7 +458,14 @@ async def test_second_open_keeps_this_process_locks(db: Path, opened: list[Any])
     await first.push([NewTask(b"x")])
     await _queue(opened, "second", db)  # same file, same process
     pusher = await asyncio.create_subprocess_exec(
-        sys.executable, str(WORKER_SCRIPT), "push", str(db), "first", "2", stderr=asyncio.subprocess.PIPE
+        sys.executable,
+        str(WORKER_SCRIPT),
+        "push",
+        "sqlite",
+        json.dumps({"path": str(db)}),
+        "first",
+        "2",
+        stderr=asyncio.subprocess.PIPE,
     )
     _, err = await asyncio.wait_for(pusher.communicate(), 30)
     assert pusher.returncode == 0, err.decode(errors="replace")
@@ -473,7 +482,14 @@ async def test_idle_wait_sees_another_process_push(db: Path, opened: list[Any]) 
     assert 0.08 <= time.monotonic() - started < 5
     waiter = asyncio.ensure_future(q.wait_for_tasks(30))
     pusher = await asyncio.create_subprocess_exec(
-        sys.executable, str(WORKER_SCRIPT), "push", str(db), "notify", "3", stderr=asyncio.subprocess.PIPE
+        sys.executable,
+        str(WORKER_SCRIPT),
+        "push",
+        "sqlite",
+        json.dumps({"path": str(db)}),
+        "notify",
+        "3",
+        stderr=asyncio.subprocess.PIPE,
     )
     _, err = await asyncio.wait_for(pusher.communicate(), 30)
     assert pusher.returncode == 0, err.decode(errors="replace")
