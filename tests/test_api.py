@@ -92,6 +92,16 @@ def test_encoding_round_trip_is_exact() -> None:
     assert type(task.args[-1][0]["a"]) is Item
 
 
+def test_malformed_items_are_undecodable() -> None:
+    import msgpack
+
+    mark = msgpack.ExtType(1, b"")
+    for bad in ([mark, 5], [mark], [mark, {}, {}], [msgpack.ExtType(1, b"\x80")]):
+        payload = b"\x01" + msgpack.packb(["h", None, [bad]], use_bin_type=True)
+        with pytest.raises(DecodeError):
+            decode_task(payload)
+
+
 @pytest.mark.parametrize(
     "payload", [b"", b"\x01", b"\x01\x93\x01\x02\x03", b"\x01\xc1", b"\x02abc", b"\x01\x93\xa1h\xc0\xc7\x01\x09x"]
 )
