@@ -447,6 +447,22 @@ async def test_four_processes_deliver_each_task_exactly_once(db: Path, tmp_path:
     _check_consistent(db, namespace)
 
 
+async def _push_from_another_process(db: Path, namespace: str, count: int) -> None:
+    """Another OS process pushes ``count`` tasks into ``namespace`` of ``db``."""
+    pusher = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(WORKER_SCRIPT),
+        "push",
+        "sqlite",
+        json.dumps({"path": str(db)}),
+        namespace,
+        str(count),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(pusher.communicate(), 30)
+    assert pusher.returncode == 0, err.decode(errors="replace")
+
+
 @pytest.mark.processes
 async def test_second_open_keeps_this_process_locks(db: Path, opened: list[Any]) -> None:
     """Opening another instance on an open file must not drop this process's POSIX locks.
@@ -457,18 +473,7 @@ async def test_second_open_keeps_this_process_locks(db: Path, opened: list[Any])
     first = await _queue(opened, "first", db)
     await first.push([NewTask(b"x")])
     await _queue(opened, "second", db)  # same file, same process
-    pusher = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(WORKER_SCRIPT),
-        "push",
-        "sqlite",
-        json.dumps({"path": str(db)}),
-        "first",
-        "2",
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await asyncio.wait_for(pusher.communicate(), 30)
-    assert pusher.returncode == 0, err.decode(errors="replace")
+    await _push_from_another_process(db, "first", 2)
     assert db.with_name(db.name + "-shm").exists(), "another process deleted the WAL index: our locks were lost"
     assert (await first.stats()).ready == 3
     _check_consistent(db, "first")
@@ -481,18 +486,7 @@ async def test_idle_wait_sees_another_process_push(db: Path, opened: list[Any]) 
     await q.wait_for_tasks(0.1)
     assert 0.08 <= time.monotonic() - started < 5
     waiter = asyncio.ensure_future(q.wait_for_tasks(30))
-    pusher = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(WORKER_SCRIPT),
-        "push",
-        "sqlite",
-        json.dumps({"path": str(db)}),
-        "notify",
-        "3",
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await asyncio.wait_for(pusher.communicate(), 30)
-    assert pusher.returncode == 0, err.decode(errors="replace")
+    await _push_from_another_process(db, "notify", 3)
     await asyncio.wait_for(waiter, 5)
     assert (await q.stats()).ready == 3
 
