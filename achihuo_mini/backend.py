@@ -76,7 +76,7 @@ Scope = Literal["process", "host", "network"]
 SCOPE_ORDER: dict[str, int] = {"process": 0, "host": 1, "network": 2}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class NewTask:
     """A task to push.
 
@@ -85,6 +85,9 @@ class NewTask:
     atomic with the write. ``head`` puts it at the head of the ready deque; ``delay``
     (seconds, > 0) makes it ready at the tail after that long; ``head`` is ignored
     for delayed tasks.
+
+    Treat it as read-only. (It is not a frozen dataclass only because one is built
+    for every ``add_task`` and a frozen one costs three times as much to build.)
     """
 
     payload: bytes

@@ -12,6 +12,7 @@ Task names are stored as a 16-byte blake2b digest of their UTF-8 bytes
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Any
@@ -21,7 +22,7 @@ import msgpack
 from .errors import DecodeError, EncodeError
 from .item import Item
 
-__all__ = ["FORMAT_VERSION", "DecodedTask", "decode_task", "encode_task", "name_key"]
+__all__ = ["FORMAT_VERSION", "DecodedTask", "check_args", "check_value", "decode_task", "encode_task", "name_key"]
 
 FORMAT_VERSION = 1
 _VERSION_BYTE = bytes([FORMAT_VERSION])
@@ -34,30 +35,60 @@ def name_key(name: str) -> bytes:
     return blake2b(name.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
-def _check(value: Any, path: str) -> None:
-    """Raise EncodeError naming ``path`` if ``value`` cannot be stored."""
+def _check(value: Any) -> None:
+    """Raise EncodeError if ``value`` cannot be stored; the error's path is built while unwinding.
+
+    (No path string is formatted on the way down: this runs for every ``add_task``.)
+    """
     kind = type(value)
     if kind in _SCALARS:
         return
     if kind is float:
         if not math.isfinite(value):
-            raise EncodeError(f"{path}: float {value!r} is not finite and cannot be stored")
+            raise _Bad(f"float {value!r} is not finite and cannot be stored")
         return
     if kind is list:
         for i, element in enumerate(value):
-            _check(element, f"{path}[{i}]")
+            if type(element) not in _SCALARS:
+                try:
+                    _check(element)
+                except _Bad as bad:
+                    bad.path.append(f"[{i}]")
+                    raise
         return
     if kind is dict or kind is Item:
         for key, element in value.items():
             if type(key) is not str:
-                raise EncodeError(f"{path}: dict key {key!r} is {type(key).__name__}, only str keys can be stored")
-            _check(element, f"{path}[{key!r}]")
+                raise _Bad(f"dict key {key!r} is {type(key).__name__}, only str keys can be stored")
+            if type(element) not in _SCALARS:
+                try:
+                    _check(element)
+                except _Bad as bad:
+                    bad.path.append(f"[{key!r}]")
+                    raise
         return
     hint = " (use a list)" if kind is tuple else ""
-    raise EncodeError(
-        f"{path}: {kind.__name__} {_short(value)} cannot be stored{hint}; "
+    raise _Bad(
+        f"{kind.__name__} {_short(value)} cannot be stored{hint}; "
         "task arguments may be None, bool, int, finite float, str, bytes, list, dict with str keys or Item"
     )
+
+
+class _Bad(Exception):
+    """Internal: a value that cannot be stored; ``path`` collects the steps to it, innermost first."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path: list[str] = []
+
+
+def check_value(value: Any, path: str) -> None:
+    """Raise :class:`EncodeError` naming ``path`` (e.g. ``args[0]['data']``) if ``value`` cannot be stored."""
+    try:
+        _check(value)
+    except _Bad as bad:
+        raise EncodeError(f"{path}{''.join(reversed(bad.path))}: {bad.message}") from None
 
 
 def _short(value: Any) -> str:
@@ -78,8 +109,20 @@ def _default(value: Any) -> Any:
     raise EncodeError(f"cannot store {type(value).__name__}")  # unreachable after _check
 
 
+_local = threading.local()
+
+
 def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, default=_default, strict_types=True, use_bin_type=True)  # type: ignore[no-any-return]
+    # one Packer per thread, reused: ``msgpack.packb`` builds a new one per call (about half its cost)
+    try:
+        packer = _local.packer
+    except AttributeError:
+        packer = _local.packer = msgpack.Packer(default=_default, strict_types=True, use_bin_type=True)
+    try:
+        return packer.pack(value)  # type: ignore[no-any-return]
+    except BaseException:
+        packer.reset()  # a failed pack may leave a partial buffer behind
+        raise
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
@@ -102,10 +145,19 @@ def _unpack(data: bytes) -> Any:
     )
 
 
+def check_args(args: tuple[Any, ...] | list[Any]) -> None:
+    """Raise :class:`EncodeError` (a ``TypeError``) naming the first argument that cannot be stored."""
+    for i, arg in enumerate(args):
+        if type(arg) not in _SCALARS:
+            try:
+                _check(arg)
+            except _Bad:
+                check_value(arg, f"args[{i}]")  # raises, with the path
+
+
 def encode_task(handler: str, name: str | None, args: tuple[Any, ...] | list[Any]) -> bytes:
     """Encode one task. Raises :class:`EncodeError` (a ``TypeError``) naming the bad value's path."""
-    for i, arg in enumerate(args):
-        _check(arg, f"args[{i}]")
+    check_args(args)
     if name is not None and type(name) is not str:
         raise EncodeError(f"task_name must be a str or None, not {type(name).__name__}")
     return _VERSION_BYTE + _pack([handler, name, list(args)])
