@@ -66,7 +66,7 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -354,10 +354,12 @@ def _decode(content: bytes, header_charset: str | None = None, forced: str | Non
         if content.startswith(bom):
             return content[len(bom) :].decode(bom_encoding, errors="replace"), bom_encoding
     declared: list[str] = []
-    for label in (
-        _normalise_encoding(header_charset),
-        _normalise_encoding(_declared_in_body(content), from_meta=True),
-    ):
+    for step in (0, 1):  # the header's charset; only if it fails, the body's declaration (a regex scan)
+        label = (
+            _normalise_encoding(header_charset)
+            if step == 0
+            else _normalise_encoding(_declared_in_body(content), from_meta=True)
+        )
         if label and label not in declared:
             declared.append(label)
             text = _decode_strict(content, label)
@@ -453,6 +455,19 @@ class Response:
 # -- the loop's client -----------------------------------------------------------------
 
 
+class _NoGate:
+    """The gate when there are no per-host limits: nothing to hold."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_GATE = _NoGate()
+
+
 class _Host:
     __slots__ = ("next_start", "semaphore", "users")
 
@@ -486,10 +501,14 @@ class HttpClient:
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._hosts: dict[str, _Host] = {}
         self._prune_at = _PRUNE_AT
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     def session(self) -> aiohttp.ClientSession:
         """The loop's session; created now if there is none in the running event loop."""
         running = asyncio.get_running_loop()
+        session = self._session
+        if session is not None and self._session_loop is running and not session.closed:
+            return session
         if self._session is not None and (self._session.closed or self._session_loop is not running):
             if not self._session.closed:
                 # it cannot be closed from here: its connections belong to the other event loop
@@ -512,17 +531,32 @@ class HttpClient:
             self._session, self._session_loop = session, running
         return self._session
 
+    async def request(self, item: Mapping[str, Any], **kwargs: Any) -> Response:
+        """:func:`request` through this client (the keywords are the same)."""
+        return await request(self, item, **kwargs)
+
     @property
     def session_open(self) -> bool:
         """Whether a session exists and is not closed."""
         return self._session is not None and not self._session.closed
 
-    @asynccontextmanager
-    async def gate(self, url: str) -> AsyncIterator[None]:
+    def gate(self, url: str) -> AbstractAsyncContextManager[None]:
         """Hold one of the ``per_host_limit`` slots of ``url``'s host and wait its ``per_host_delay`` turn."""
         if self.per_host_limit <= 0 and self.per_host_delay <= 0:
-            yield
-            return
+            return _NO_GATE
+        return self._gate(url)
+
+    def client_timeout(self, seconds: float) -> aiohttp.ClientTimeout:
+        """One ``ClientTimeout`` per distinct timeout (they are immutable; most items use the default)."""
+        timeout = self._timeouts.get(seconds)
+        if timeout is None:
+            if len(self._timeouts) >= 64:
+                self._timeouts.clear()
+            timeout = self._timeouts[seconds] = aiohttp.ClientTimeout(total=seconds)
+        return timeout
+
+    @asynccontextmanager
+    async def _gate(self, url: str) -> AsyncIterator[None]:
         key = _host_key(url)
         host = self._hosts.get(key)
         if host is None:
@@ -643,8 +677,11 @@ async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     if limit <= 0:
         return await resp.read()
     declared = resp.content_length  # a compressed length: the body will be no smaller
-    if declared is not None and declared > limit:
-        raise _BodyTooLarge(f"body of {declared} bytes exceeds max_body_size ({limit} bytes)")
+    if declared is not None:
+        if declared > limit:
+            raise _BodyTooLarge(f"body of {declared} bytes exceeds max_body_size ({limit} bytes)")
+        if "Content-Encoding" not in resp.headers:
+            return await resp.read()  # the declared length is the most aiohttp will read
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_chunked(_CHUNK):
@@ -655,32 +692,42 @@ async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _request_kwargs(item: Mapping[str, Any], timeout: float, keep_alive: bool | None) -> dict[str, Any]:
-    headers = _clean_headers(item.get("headers"))
-    if keep_alive is False and not any(k.lower() == "connection" for k in headers):
-        headers["Connection"] = "close"
-    params = item.get("params")
-    if isinstance(params, Mapping):
-        params = {str(k): v for k, v in params.items() if v is not None}
-    elif isinstance(params, list):
-        params = [tuple(pair) for pair in params]
-    data, body = item.get("data"), item.get("json")
+def _request_kwargs(item: Mapping[str, Any], timeout: aiohttp.ClientTimeout, keep_alive: bool | None) -> dict[str, Any]:
+    get = item.get
+    kwargs: dict[str, Any] = {"timeout": timeout}
+    allow_redirects = get("allow_redirects")
+    if allow_redirects is not None:
+        kwargs["allow_redirects"] = bool(allow_redirects)
+    raw_headers = get("headers")
+    if raw_headers or keep_alive is False:
+        headers = _clean_headers(raw_headers)
+        if keep_alive is False and not any(k.lower() == "connection" for k in headers):
+            headers["Connection"] = "close"
+        kwargs["headers"] = headers
+    params = get("params")
+    if params:
+        if isinstance(params, Mapping):
+            params = {str(k): v for k, v in params.items() if v is not None}
+        elif isinstance(params, list):
+            params = [tuple(pair) for pair in params]
+        if params:
+            kwargs["params"] = params
+    data, body = get("data"), get("json")
     if data is not None and body is not None:
         raise ValueError("async_web_request: an item has either data or json, not both")
-    if isinstance(data, list):
-        data = [tuple(pair) if isinstance(pair, list) else pair for pair in data]
-    allow_redirects = item.get("allow_redirects")
-    kwargs: dict[str, Any] = {
-        "headers": headers,
-        "params": params or None,
-        "data": data,
-        "json": body,
-        "cookies": item.get("cookies") or None,
-        "proxy": item.get("proxy") or None,
-        "allow_redirects": True if allow_redirects is None else bool(allow_redirects),
-        "timeout": aiohttp.ClientTimeout(total=timeout),
-    }
-    return {k: v for k, v in kwargs.items() if v is not None}
+    if data is not None:
+        if isinstance(data, list):
+            data = [tuple(pair) if isinstance(pair, list) else pair for pair in data]
+        kwargs["data"] = data
+    if body is not None:
+        kwargs["json"] = body
+    cookies = get("cookies")
+    if cookies:
+        kwargs["cookies"] = cookies
+    proxy = get("proxy")
+    if proxy:
+        kwargs["proxy"] = proxy
+    return kwargs
 
 
 async def _check(checker: Callable[[str], Any], text: str) -> bool:
@@ -709,10 +756,11 @@ async def request(
     ``ValueError``/``TypeError`` for an item that cannot be sent at all.
     """
     url = item.get("url")
-    if not isinstance(url, str) or not url:
-        raise ValueError(f"async_web_request: the item has no url (its keys: {sorted(map(str, item))})")
-    shown = mask_url(url)
-    method = str(item.get("method") or "GET").upper()
+    if type(url) is not str or not url:
+        if not isinstance(url, str) or not url:
+            raise ValueError(f"async_web_request: the item has no url (its keys: {sorted(map(str, item))})")
+    method = item.get("method")
+    method = "GET" if method is None or method == "GET" else str(method or "GET").upper()
     tries = item.get("max_retry")
     tries = DEFAULT_TRIES if tries is None else max(1, int(tries))
     timeout = client.timeout if item.get("timeout") is None else float(item["timeout"])
@@ -720,7 +768,7 @@ async def request(
         raise ValueError(f"async_web_request: timeout must be a positive number of seconds, not {timeout!r}")
     if session is not None and not isinstance(session, aiohttp.ClientSession):
         raise TypeError(f"session= must be an aiohttp.ClientSession, not {type(session).__name__}")
-    kwargs = _request_kwargs(item, timeout, keep_alive)
+    kwargs = _request_kwargs(item, client.client_timeout(timeout), keep_alive)
     checker = check_html if check_html is not None else getattr(client.loop, "check_html", None)
     forced = item.get("encoding")
     http = session if session is not None else client.session()
@@ -747,9 +795,9 @@ async def request(
                     content,
                     resp.charset,
                     forced,
-                    tuple(str(r.url) for r in resp.history),
+                    tuple(str(r.url) for r in resp.history) if resp.history else (),
                     resp.reason or "",
-                    {name: morsel.value for name, morsel in resp.cookies.items()},
+                    {name: morsel.value for name, morsel in resp.cookies.items()} if resp.cookies else None,
                 )
             if checker is not None and not await _check(checker, response.text):
                 raise _Failed(f"check_html rejected the body (HTTP {response.status})")
@@ -757,16 +805,19 @@ async def request(
         except _Failed as exc:
             last_error, last_exc, wait = str(exc), None, exc.wait
         except _BodyTooLarge as exc:
-            raise RequestError(shown, try_no, str(exc)) from None
+            raise RequestError(mask_url(url), try_no, str(exc)) from None
         except _FATAL as exc:
-            raise RequestError(shown, try_no, _describe(exc)) from (exc if _shows_no_secret(exc) else None)
+            raise RequestError(mask_url(url), try_no, _describe(exc)) from (exc if _shows_no_secret(exc) else None)
         except TimeoutError as exc:
             last_error, last_exc = f"{type(exc).__name__}: no complete answer within {timeout:g} s", exc
         except (aiohttp.ClientError, OSError) as exc:
             last_error, last_exc = _describe(exc), exc
         if try_no < tries:
             delay = wait if wait is not None else _backoff(try_no)
-            log.debug("%s %s: %s; try %d of %d, next in %.2f s", method, shown, last_error, try_no, tries, delay)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "%s %s: %s; try %d of %d, next in %.2f s", method, mask_url(url), last_error, try_no, tries, delay
+                )
             await asyncio.sleep(delay)
     cause = last_exc if last_exc is not None and _shows_no_secret(last_exc) else None
-    raise RequestError(shown, tries, last_error) from cause
+    raise RequestError(mask_url(url), tries, last_error) from cause
