@@ -33,6 +33,7 @@ import asyncio
 import collections
 import contextvars
 import inspect
+import itertools
 import logging
 import os
 import random
@@ -57,7 +58,7 @@ from .backend import (
     QueueStats,
     WorkerRegistry,
 )
-from .codec import decode_task, encode_task, name_key
+from .codec import check_args, decode_task, encode_task, name_key
 from .config import DEFAULT_CACHE_BACKEND, Settings, load_settings
 from .errors import (
     BackendError,
@@ -122,19 +123,26 @@ class RunSummary:
     released: int = 0
     fenced: int = 0
     added: int = 0
+    deduplicated: int = 0  # repeat=False adds the local dedup cache skipped without a round trip
     elapsed: float = 0.0
     exit_code: int = 0
     reason: str = ""
 
 
 class _Outbox:
-    """Buffered writes: tasks to push and done-set changes (last change of a name wins)."""
+    """Buffered writes: tasks to push and done-set changes (last change of a name wins).
 
-    __slots__ = ("done", "tasks")
+    ``names`` (the done-set changes by name) and ``unique`` (names pushed with
+    ``repeat=False``) are what the local dedup cache learns once the writes succeed.
+    """
+
+    __slots__ = ("done", "names", "tasks", "unique")
 
     def __init__(self) -> None:
         self.tasks: list[NewTask] = []
         self.done: dict[bytes, bool] = {}
+        self.names: dict[str, bool] = {}
+        self.unique: list[str] = []
 
     def __bool__(self) -> bool:
         return bool(self.tasks or self.done)
@@ -153,7 +161,16 @@ class _Outbox:
         taken = _Outbox()
         taken.tasks, self.tasks = self.tasks, []
         taken.done, self.done = self.done, {}
+        taken.names, self.names = self.names, {}
+        taken.unique, self.unique = self.unique, []
         return taken
+
+    def put_back(self, newer: _Outbox) -> None:
+        """After a failed write: keep this (older) outbox's writes and add the newer ones after them."""
+        self.tasks.extend(newer.tasks)
+        self.done.update(newer.done)
+        self.names.update(newer.names)
+        self.unique.extend(newer.unique)
 
     def done_keys(self, value: bool) -> list[bytes]:
         return [k for k, v in self.done.items() if v is value]
@@ -165,6 +182,7 @@ class _Attempt:
     lease: Lease
     handler: str
     outbox: _Outbox = field(default_factory=_Outbox)
+    name: str | None = None  # the task's name, once decoded
     closed: bool = False  # the handler ended: later adds (from tasks it spawned) go to the loop's outbox
     deadline: float = 0.0  # event-loop time after which the watchdog cancels it (task_timeout)
     timed_out: bool = False
@@ -303,6 +321,8 @@ class AsyncLoop:
         self._sync_runner: asyncio.Runner | None = None
         self._sync_pair: tuple[QueueBackend, DoneSetBackend] | None = None
         self._http: Any = None
+        self._dedup: dict[str, None] = {}  # the local dedup cache: names known done or pending (insertion order)
+        self._dedup_since = time.monotonic()
 
     # -- configuration --------------------------------------------------------
 
@@ -317,6 +337,8 @@ class AsyncLoop:
         self.settings: Settings = settings
         self.concurrency: int = settings.loop["concurrency"]
         self.debug: bool = settings.loop["debug"]
+        self._dedup_max: int = settings.loop["dedup_cache"]
+        self._dedup_ttl: float = settings.loop["dedup_cache_ttl"]
         self._queue, self._done = self._make_backends()
         q, d = self._queue, self._done
         if SCOPE_ORDER[q.scope] > SCOPE_ORDER[d.scope] and not settings.loop["allow_local"]:
@@ -370,22 +392,28 @@ class AsyncLoop:
         repeat: bool,
         priority: bool | int,
         delay: float | None,
-    ) -> NewTask:
-        self._check_handler(generator_name)
-        if task_name is not None and not isinstance(task_name, str):
-            raise TypeError(f"add_task: task_name must be a str or None, not {type(task_name).__name__}")
-        if not isinstance(repeat, bool):
+    ) -> NewTask | None:
+        """The task to push, or None when the local dedup cache knows a ``repeat=False`` name."""
+        if type(generator_name) is not str or generator_name not in self._handlers:
+            self._check_handler(generator_name)  # raises, unless it is an alias
+        if task_name is not None and type(task_name) is not str:
+            if not isinstance(task_name, str):
+                raise TypeError(f"add_task: task_name must be a str or None, not {type(task_name).__name__}")
+            task_name = str(task_name)
+        if repeat is not True and repeat is not False:
             raise TypeError(f"add_task: repeat must be True or False, not {repeat!r}")
-        if not isinstance(priority, int):
+        if priority is not False and not isinstance(priority, int):
             raise TypeError(f"add_task: priority must be a bool or an int, not {priority!r}")
         if delay is not None:
             if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not (0 <= delay < float("inf")):
                 raise ValueError(f"add_task: delay must be a non-negative number of seconds, not {delay!r}")
+        if not repeat and task_name is not None and task_name in self._dedup:
+            check_args(args)  # bad arguments are an error whether or not the task is skipped
+            self._summary.deduplicated += 1
+            return None
         payload = encode_task(generator_name, task_name, args)
         key = name_key(task_name) if task_name is not None else None
-        return NewTask(
-            payload, key, unique=not repeat and key is not None, head=bool(priority), delay=float(delay or 0)
-        )
+        return NewTask(payload, key, not repeat and key is not None, bool(priority), float(delay or 0))
 
     def add_task(
         self,
@@ -409,9 +437,18 @@ class AsyncLoop:
         flushed within ``flush_interval``; with no running event loop it is
         written before this returns. In an event loop that is not serving this
         loop, it is buffered until ``await flush()`` or ``serve()``.
+
+        ``repeat=False`` is decided by the backend when the task is written, except
+        for names this process itself saw done or pending in the last
+        ``dedup_cache_ttl`` seconds (the local dedup cache, ``dedup_cache`` names at
+        most): those are skipped here, without encoding or a round trip. The cache
+        forgets a name this process uncaches, buries, or acks without ``task_done``;
+        a name that another process uncaches may still be skipped here until the
+        cache expires. ``dedup_cache = 0`` turns it off.
         """
         task = self._new_task(generator_name, args, task_name, repeat, priority, delay)
-        self._route(tasks=[task])
+        if task is not None:
+            self._route([task], unique=[task_name] if task.unique else None)  # type: ignore[list-item]
 
     async def add_tasks(self, tasks: Iterable[Task]) -> None:
         """Add many :class:`Task` objects, written in chunks as they are produced (backpressure).
@@ -419,66 +456,119 @@ class AsyncLoop:
         Inside a handler they join the handler's outbox like ``add_task``.
         """
         chunk: list[NewTask] = []
+        unique: list[str] = []
         in_attempt = self._current_attempt() is not None
         for t in tasks:
-            chunk.append(self._new_task(t.generator_name, t.args, t.task_name, t.repeat, t.priority, t.delay))
+            task = self._new_task(t.generator_name, t.args, t.task_name, t.repeat, t.priority, t.delay)
+            if task is None:
+                continue
+            chunk.append(task)
+            if task.unique:
+                unique.append(t.task_name)  # type: ignore[arg-type]
             if len(chunk) >= _BULK_CHUNK:
-                self._route(tasks=chunk)
-                chunk = []
+                self._route(chunk, unique=unique)
+                chunk, unique = [], []
                 if not in_attempt:
                     await self.flush()
         if chunk:
-            self._route(tasks=chunk)
+            self._route(chunk, unique=unique)
         if not in_attempt:
             await self.flush()
 
     def task_done(self, task_name: str) -> None:
         """Put ``task_name`` in the done set (any name, not only the running task's)."""
-        if not isinstance(task_name, str):
-            raise TypeError(f"task_done: task_name must be a str, not {type(task_name).__name__}")
-        self._route(done={name_key(task_name): True})
+        if type(task_name) is not str:
+            if not isinstance(task_name, str):
+                raise TypeError(f"task_done: task_name must be a str, not {type(task_name).__name__}")
+            task_name = str(task_name)
+        self._route(done={name_key(task_name): True}, names={task_name: True})
 
     def uncache_task(self, *task_names: str) -> None:
         """Remove names from the done set, so ``repeat=False`` tasks of those names can be added again."""
         for n in task_names:
             if not isinstance(n, str):
                 raise TypeError(f"uncache_task: task names must be str, not {type(n).__name__}")
-        self._route(done={name_key(n): False for n in task_names})
+        names = {str(n): False for n in task_names}
+        for n in names:
+            self._dedup.pop(n, None)  # at once: a repeat=False add right after this must reach the backend
+        self._route(done={name_key(n): False for n in names}, names=names)
 
     def _current_attempt(self) -> _Attempt | None:
         attempt = _ATTEMPT.get()
         return attempt if attempt is not None and attempt.loop is self and not attempt.closed else None
 
-    def _route(self, tasks: Sequence[NewTask] = (), done: dict[bytes, bool] | None = None) -> None:
+    def _route(
+        self,
+        tasks: Sequence[NewTask] = (),
+        done: dict[bytes, bool] | None = None,
+        names: dict[str, bool] | None = None,
+        unique: list[str] | None = None,
+    ) -> None:
         attempt = self._current_attempt()
+        running: asyncio.AbstractEventLoop | None = None
         if attempt is not None:
-            attempt.outbox.add(tasks)
-            attempt.outbox.done.update(done or {})
+            outbox = attempt.outbox
+        else:
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            # In an event loop: buffered. The serving loop flushes within flush_interval;
+            # an event loop that is not serving must ``await flush()`` (serve() also
+            # flushes what was buffered before it started). With none: written now.
+            outbox = self._outbox if running is not None else _Outbox()
+        if tasks:
+            outbox.add(tasks)
+        if done:
+            outbox.done.update(done)
+        if names:
+            outbox.names.update(names)
+        if unique:
+            outbox.unique.extend(unique)
+        if attempt is not None:
             return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
         if running is None:
-            self._write_now(tasks, done or {})
+            self._write_now(outbox)
             return
-        # In an event loop: buffered. The serving loop flushes within flush_interval;
-        # an event loop that is not serving must ``await flush()`` (serve() also
-        # flushes what was buffered before it started).
-        self._outbox.add(tasks)
-        self._outbox.done.update(done or {})
         if self._serving and running is self._aloop:
             self._summary.added += len(tasks)
             if len(self._outbox.tasks) >= _BULK_CHUNK and self._flush_wanted is not None:
                 self._flush_wanted.set()
 
-    def _write_now(self, tasks: Sequence[NewTask], done: dict[bytes, bool]) -> None:
+    # -- the local dedup cache ----------------------------------------------------
+
+    def _learn(self, outbox: _Outbox, fenced: bool = False) -> None:
+        """After ``outbox`` was written: its done names and repeat=False names are now done or
+        pending (remember them), uncached names are not (forget them). After a commit
+        with fenced attempts nothing is remembered: some of the pushes were not written."""
+        cache = self._dedup
+        if not self._dedup_max:
+            return
+        now = time.monotonic()
+        if now - self._dedup_since > self._dedup_ttl:
+            cache.clear()
+            self._dedup_since = now
+        for name, done in outbox.names.items():
+            if done and not fenced:
+                cache[name] = None
+            else:
+                cache.pop(name, None)
+        if not fenced:
+            for name in outbox.unique:
+                cache[name] = None
+        if len(cache) > self._dedup_max:  # forget the oldest half
+            for name in list(itertools.islice(cache, len(cache) - self._dedup_max // 2)):
+                del cache[name]
+
+    def _forget(self, name: str | None) -> None:
+        """``name`` may now be neither done nor pending (acked without task_done, buried)."""
+        if name is not None:
+            self._dedup.pop(name, None)
+
+    def _write_now(self, outbox: _Outbox) -> None:
         """No event loop is running: write synchronously through a private one."""
         if self._sync_runner is None:
             self._sync_runner = asyncio.Runner()
-        outbox = _Outbox()
-        outbox.tasks = list(tasks)
-        outbox.done = dict(done)
 
         async def write() -> None:
             if self._sync_pair is None:
@@ -494,6 +584,7 @@ class AsyncLoop:
             await self._write_outbox(q, d, q.shares_done_set(d), outbox)
 
         self._sync_runner.run(write())
+        self._learn(outbox)
 
     def close(self) -> None:
         """Close what synchronous ``add_task`` calls opened (a script that only adds tasks)."""
@@ -558,10 +649,10 @@ class AsyncLoop:
             await self._write_outbox(self._queue, self._done, self._shared, outbox)
         except BaseException:
             # put it back in front so nothing is lost and order is kept
-            outbox.tasks.extend(self._outbox.tasks)
-            outbox.done.update(self._outbox.done)
+            outbox.put_back(self._outbox)
             self._outbox = outbox
             raise
+        self._learn(outbox)
 
     async def clear_data(self, what: str = "all") -> None:
         """Delete this loop's data: ``queue`` (ready, delayed, leased), ``dead``, ``done`` or ``all``.
@@ -571,6 +662,7 @@ class AsyncLoop:
         if what not in ("queue", "dead", "done", "all"):
             raise ValueError(f"clear_data: what must be queue, dead, done or all, not {what!r}")
         opened_here = not self._opened
+        self._dedup.clear()
         await self._open()
         try:
             if what in ("queue", "all"):
@@ -708,6 +800,8 @@ class AsyncLoop:
         self._summary = RunSummary()
         self._rate_samples: collections.deque[tuple[float, int]] = collections.deque()
         self._known = set()
+        self._dedup.clear()  # a new incarnation starts from what the backend says
+        self._dedup_since = time.monotonic()
         self._reserve_uncertain = False
         self._parked = []
         self._peers_at = float("-inf")
@@ -973,6 +1067,7 @@ class AsyncLoop:
             self._bury(lease, f"undecodable: {exc}")
             return
         attempt.handler = decoded.handler
+        attempt.name = decoded.name
         handler = self._resolve_handler(decoded.handler)
         if handler is None:
             if await self._peer_handles(decoded.handler):
@@ -981,6 +1076,7 @@ class AsyncLoop:
                 self._parked.append((self._aloop.time() + _PARK_DELAY, lease))
                 return
             log.error("%s: burying task %r: unknown handler %r", self.name, _masked(decoded.name), decoded.handler)
+            self._forget(decoded.name)
             self._bury(lease, f"unknown handler {decoded.handler!r}")
             return
         _ATTEMPT.set(attempt)
@@ -1020,6 +1116,7 @@ class AsyncLoop:
                 lease.failures + 1,
                 error,
             )
+            self._forget(name)
             self._bury(lease, error)
             return
         if isinstance(exc, Retry) and exc.delay is not None:
@@ -1091,6 +1188,11 @@ class AsyncLoop:
                 self._commits[:0] = attempts
                 raise
             self._known.difference_update(a.lease.task_id for a in attempts)
+            fenced = applied < len(attempts)
+            for a in attempts:
+                self._learn(a.outbox, fenced)
+                if a.name is not None and not a.outbox.names.get(a.name) and a.name not in a.outbox.unique:
+                    self._forget(a.name)  # acked without task_done: no longer pending, maybe not done
             self._summary.succeeded += applied
             self._summary.fenced += len(attempts) - applied
             if applied < len(attempts):
@@ -1278,7 +1380,7 @@ class AsyncLoop:
         s = self._summary
         log.info(
             "%s: finished in %.1f s (%s): %d ok (%.1f/s), %d failed (%d retried, %d dead), %d released, "
-            "%d fenced, %d added",
+            "%d fenced, %d added, %d duplicates skipped locally",
             self.name,
             s.elapsed,
             s.reason or "stopped",
@@ -1290,6 +1392,7 @@ class AsyncLoop:
             s.released,
             s.fenced,
             s.added,
+            s.deduplicated,
         )
 
     # -- synchronous entry points -------------------------------------------------
@@ -1319,13 +1422,11 @@ class AsyncLoop:
         :class:`~achihuo_mini.errors.RequestError` after the last try. ``session``,
         ``keep_alive`` and ``check_html`` keywords of seed-era code are accepted.
         """
-        from .http import request
-
         if self._http is None:
             from .http import HttpClient
 
             self._http = HttpClient(self)
-        return await request(self._http, item, session=session, **legacy)
+        return await self._http.request(item, session=session, **legacy)
 
     async def _close_http(self) -> None:
         if self._http is not None:

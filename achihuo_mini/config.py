@@ -57,6 +57,10 @@ LOOP_OPTIONS: dict[str, Option] = {
     "max_body_size": Option(int, 64 * 1024 * 1024, "largest HTTP body async_web_request reads, bytes (0: no limit)"),
     "per_host_limit": Option(int, 0, "concurrent requests per host (0: no limit)"),
     "per_host_delay": Option(float, 0.0, "seconds between the starts of requests to one host"),
+    "dedup_cache": Option(
+        int, 100_000, "names this process remembers as done or pending, to skip repeat=False adds at once (0: off)"
+    ),
+    "dedup_cache_ttl": Option(float, 60.0, "seconds after which the local dedup cache starts empty again"),
 }
 
 
@@ -192,10 +196,17 @@ def load_settings(
             sources[name] = label
     if loop["concurrency"] < 1:
         raise ConfigError(f"{sources['concurrency']} 'concurrency': must be at least 1, got {loop['concurrency']}")
-    for name in ("grace_period", "retry_delay", "retry_max_delay", "per_host_delay"):
+    for name in ("grace_period", "retry_delay", "retry_max_delay", "per_host_delay", "dedup_cache"):
         if loop[name] < 0:
             raise ConfigError(f"{sources[name]} {name!r}: must not be negative, got {loop[name]}")
-    for name in ("lease_timeout", "heartbeat_interval", "task_timeout", "flush_interval", "request_timeout"):
+    for name in (
+        "lease_timeout",
+        "heartbeat_interval",
+        "task_timeout",
+        "flush_interval",
+        "request_timeout",
+        "dedup_cache_ttl",
+    ):
         if not loop[name] > 0:
             raise ConfigError(f"{sources[name]} {name!r}: must be more than 0, got {loop[name]}")
     if loop["max_retries"] < 0:
