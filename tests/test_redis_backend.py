@@ -37,7 +37,10 @@ from achihuo_mini.errors import BackendError, BackendUnavailable, ConfigError
 from achihuo_mini.plugins import registry
 from achihuo_mini.testing import wait_until
 from achihuo_mini_backends.redis_backend import (
+    BUCKET_BYTES,
+    BUCKET_PART,
     KEY_PARTS,
+    LEGACY_DONE_PART,
     MIN_REDIS_VERSION,
     RedisDoneSet,
     RedisQueue,
@@ -58,7 +61,7 @@ EXPECTED_TYPES = {
     "delayed": b"zset",
     "leased": b"hash",
     "pending": b"hash",
-    "done": b"set",
+    "dcount": b"string",
     "dead": b"list",
     "wake": b"list",
     "workers": b"hash",
@@ -91,8 +94,13 @@ async def plain(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
     await client.aclose()
 
 
+def bucket_key(ns: str, digest: bytes) -> bytes:
+    """The done-set bucket key of ``digest`` in loop ``ns``."""
+    return redis_key(ns, BUCKET_PART) + digest[:BUCKET_BYTES]
+
+
 @pytest.fixture
-async def names(plain: redis.asyncio.Redis) -> AsyncIterator[Callable[[str], str]]:
+async def names(redis_url: str, plain: redis.asyncio.Redis) -> AsyncIterator[Callable[[str], str]]:
     """``names(label)``: a fresh namespace; every key of it is deleted after the test."""
     created: list[str] = []
     run = uuid.uuid4().hex[:8]
@@ -103,7 +111,12 @@ async def names(plain: redis.asyncio.Redis) -> AsyncIterator[Callable[[str], str
 
     yield make
     for ns in created:
-        await plain.delete(*(redis_key(ns, part) for part in KEY_PARTS))
+        if await plain.exists(redis_key(ns, "dcount")):
+            done = RedisDoneSet(ns, url=redis_url)
+            await done.open()
+            await done.clear()  # the buckets
+            await done.close()
+        await plain.delete(*(redis_key(ns, part) for part in (*KEY_PARTS, LEGACY_DONE_PART)))
 
 
 @pytest.fixture
@@ -170,6 +183,10 @@ async def test_every_key_carries_the_hash_tag(
         for part, key in zip(KEY_PARTS, keys, strict=True):
             assert await plain.exists(key) == 1, f"{part} key {key!r} should exist"
             assert await plain.type(key) == EXPECTED_TYPES[part], part
+        for digest in (name_key("x"), name_key("done-a")):
+            await d.add([digest])
+            keys.append(bucket_key(ns, digest))
+            assert await plain.type(keys[-1]) == b"hash"
         tag = hash_tag(keys[0])
         assert tag == escape_namespace(ns).encode()
         assert {hash_tag(k) for k in keys} == {tag}
@@ -254,14 +271,111 @@ async def test_cleared_namespace_leaves_no_key(
     await q.clear("queue")
     assert await plain.exists(redis_key(ns, "seq")) == 1, "dead letters keep the id counter"
     await q.clear("dead")
+    assert await plain.exists(bucket_key(ns, name_key("a"))) == 1
     await d.clear()
     await q.unregister("w")
     assert await plain.exists(*(redis_key(ns, part) for part in KEY_PARTS)) == 0
+    assert [k async for k in plain.scan_iter(match=redis_key(ns, "*"), count=1000)] == []
 
 
 def test_minimum_version_is_enforced_by_number() -> None:
     assert MIN_REDIS_VERSION == (6, 2, 0)
     assert _version("6.0.20") < MIN_REDIS_VERSION <= _version("6.2.0") < _version("7.0.15") < _version("10.0.0")
+
+
+# -- the done set --------------------------------------------------------------------
+
+
+async def test_done_set_is_compact_hash_buckets_with_a_counter(
+    names: Callable[[str], str], open_done: Any, plain: redis.asyncio.Redis
+) -> None:
+    ns = names("buckets")
+    d: RedisDoneSet = await open_done(ns)
+    digests = [name_key(f"n{i}") for i in range(3000)]
+    assert await d.add(digests + digests[:10]) == 3000
+    assert await d.count() == 3000 and await plain.get(redis_key(ns, "dcount")) == b"3000"
+    buckets = {bucket_key(ns, k) for k in digests}
+    assert len(buckets) > 2900, "2 digest bytes pick one of 65 536 buckets"
+    for digest in digests[:50]:
+        key = bucket_key(ns, digest)
+        assert await plain.hget(key, digest[BUCKET_BYTES:]) == b"", "field: the rest of the digest; value: empty"
+        assert await plain.object("encoding", key) in (b"listpack", b"ziplist")
+        assert hash_tag(key) == escape_namespace(ns).encode()
+    assert sum([await plain.hlen(key) for key in buckets]) == 3000
+    absent = name_key("absent")
+    assert await d.remove(digests[:1000] + digests[:5] + [absent]) == 1000
+    assert await d.count() == 2000
+    assert await d.contains([digests[0], digests[1000], absent]) == [False, True, False]
+    assert await d.remove(digests) == 2000
+    assert await d.count() == 0
+    assert await plain.exists(redis_key(ns, "dcount"), *buckets) == 0, "emptied buckets and counter go away"
+
+
+async def test_done_counter_stays_exact_through_commits_and_pushes(
+    names: Callable[[str], str], open_queue: Any, open_done: Any
+) -> None:
+    ns = names("counter")
+    q: RedisQueue = await open_queue(ns)
+    d: RedisDoneSet = await open_done(ns)
+    a, b, x, zz = (name_key(n) for n in ("a", "b", "x", "zz"))
+    assert await q.push([NewTask(b"a", a, unique=True), NewTask(b"b", b, unique=True)]) == 2
+    la, lb = await q.reserve("w", 2)
+    assert await q.commit([Commit(la, done=[a, a, x], undone=[zz])]) == 1
+    assert await d.count() == 2
+    children = [NewTask(b"a again", a, unique=True), NewTask(b"new", name_key("new"), unique=True)]
+    assert await q.commit([Commit(lb, done=[b], undone=[x], children=children)]) == 1
+    assert await d.count() == 2 and await d.contains([a, b, x]) == [True, True, False]
+    assert await q.stats() == QueueStats(ready=1, delayed=0, leased=0, dead=0), "the done child was skipped"
+    assert await q.commit([Commit(la, done=[zz], undone=[a])]) == 0, "fenced: writes nothing"
+    assert await d.count() == 2
+    assert await q.push([NewTask(b"a", a, unique=True), NewTask(b"x", x, unique=True)]) == 1
+    assert await q.push([NewTask(b"a", a)]) == 1, "not unique: not checked"
+    await d.clear()
+    assert await d.count() == 0 and await d.contains([a, b]) == [False, False]
+    assert await q.push([NewTask(b"b", b, unique=True)]) == 1, "b was done, is not pending"
+
+
+async def test_scripts_find_buckets_only_in_keys(names: Callable[[str], str], open_done: Any) -> None:
+    """Redis Cluster: every key a script touches is in KEYS; a bucket that is not is an error."""
+    d: RedisDoneSet = await open_done(names("keys"))
+    a, b = name_key("a"), name_key("b")
+    assert a[:BUCKET_BYTES] != b[:BUCKET_BYTES]
+    assert sorted(d._bucket_keys([a, b, a])) == sorted([bucket_key(d.namespace, a), bucket_key(d.namespace, b)])
+    for keys in (d._keys, [*d._keys, bucket_key(d.namespace, b)]):
+        with pytest.raises(redis.exceptions.ResponseError, match="not in KEYS"):
+            await d._scripts["done_contains"](keys=keys, args=[a], client=d._redis)
+    assert await d.contains([a, b]) == [False, False]
+
+
+async def test_old_done_set_moves_into_buckets_at_open(
+    names: Callable[[str], str],
+    open_queue: Any,
+    open_done: Any,
+    plain: redis.asyncio.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ns = names("migrate")
+    digests = [name_key(f"old-{i}") for i in range(2500)]
+    # An earlier move that crashed after adding a chunk to the buckets, before removing it from the SET.
+    d: RedisDoneSet = await open_done(ns)
+    assert await d.add(digests[:300]) == 300
+    await d.close()
+    old = redis_key(ns, LEGACY_DONE_PART)
+    assert await plain.sadd(old, *digests) == 2500
+    caplog.set_level(logging.INFO, logger="achihuo_mini.backends.redis")
+    d = await open_done(ns)
+    assert await plain.exists(old) == 0, "the old SET is gone"
+    assert await d.count() == 2500
+    assert all(await d.contains(digests))
+    (moved,) = [r for r in caplog.records if "old SET" in r.getMessage()]
+    assert moved.levelno == logging.INFO and "moved 2500 done names (2200 new)" in moved.getMessage()
+    caplog.clear()
+    await open_done(ns)  # a second open finds nothing to move
+    assert not [r for r in caplog.records if "old SET" in r.getMessage()]
+    q: RedisQueue = await open_queue(ns)
+    assert await q.push([NewTask(b"old", digests[7], unique=True)]) == 0, "a moved name is done for the queue too"
+    await d.clear()
+    assert await d.count() == 0
 
 
 # -- secrets -----------------------------------------------------------------------

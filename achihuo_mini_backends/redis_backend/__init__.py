@@ -2,7 +2,7 @@
 
 Scope ``network``: any process on any host that reaches the server shares a
 loop's data. Requires **Redis 6.2 or newer** (``LPOP`` with a count,
-``SMISMEMBER``, fractional ``BLPOP`` timeouts) and the ``redis`` package
+fractional ``BLPOP`` timeouts) and the ``redis`` package
 (``pip install redis``), imported only when a backend is created.
 
 Keys
@@ -13,30 +13,60 @@ where ``<NAME>`` is the loop's NAME with ``%``, ``{`` and ``}`` percent-escaped
 therefore the Redis Cluster hash tag: one loop lives in one slot, and every
 script passes all its keys in ``KEYS``. Nothing uses ``SCAN``/``KEYS`` patterns.
 
-=========  ======  ==========================================================
-part       type    content
-=========  ======  ==========================================================
-seq        STRING  last task id; a fresh namespace starts at TIME in µs
-tasks      HASH    id → payload
-meta       HASH    id → attempt, failures (8 bytes) + key digest
-ready      LIST    ready ids, head first
-delayed    ZSET    zero-padded id, score = due time (ms, server clock)
-leased     HASH    id → ``<attempt>:<worker>``: the fencing token
-pending    HASH    key digest → copies ready, delayed or leased
-done       SET     16-byte digests of finished names (the done set)
-dead       LIST    dead letters (msgpack records), oldest first
-wake       LIST    wake-up tokens for idle workers (≤ 16, expire after 60 s)
-workers    HASH    worker → alias, role, ttl, last heartbeat (server clock)
-winfo      HASH    worker → published info (JSON)
-aliases    HASH    alias → worker
-mailbox    HASH    worker → pending commands (msgpack list)
-=========  ======  ==========================================================
+==========  ======  =========================================================
+part        type    content
+==========  ======  =========================================================
+seq         STRING  last task id; a fresh namespace starts at TIME in µs
+tasks       HASH    id → payload
+meta        HASH    id → attempt, failures (8 bytes) + key digest
+ready       LIST    ready ids, head first
+delayed     ZSET    zero-padded id, score = due time (ms, server clock)
+leased      HASH    id → ``<attempt>:<worker>``: the fencing token
+pending     HASH    key digest → copies ready, delayed or leased
+dcount      STRING  number of names in the done set
+d:<b0><b1>  HASH    a done-set bucket: digest bytes 3-16 → ``''`` (see below)
+dead        LIST    dead letters (msgpack records), oldest first
+wake        LIST    wake-up tokens for idle workers (≤ 16, expire after 60 s)
+workers     HASH    worker → alias, role, ttl, last heartbeat (server clock)
+winfo       HASH    worker → published info (JSON)
+aliases     HASH    alias → worker
+mailbox     HASH    worker → pending commands (msgpack list)
+==========  ======  =========================================================
+
+The done set
+------------
+A done name is its 16-byte digest, stored in one of 65 536 HASH buckets: the key
+ends in ``d:`` + the digest's first 2 bytes (raw), the field is the other 14 bytes,
+the value is empty. Small hashes are kept as a listpack (ziplist before Redis 7),
+about 18 bytes per name plus the bucket's key: 28 bytes per name at 1 000 000
+names (``INFO used_memory`` delta; the one SET of earlier versions took 72, and
+2^17 buckets 34). ``dcount`` is kept exact from the ``HSETNX``/``HDEL`` replies in
+the same scripts, so :meth:`RedisDoneSet.count` reads one key.
+
+A bucket stays a listpack while it holds at most ``hash-max-listpack-entries``
+names (``hash-max-ziplist-entries`` before 7.0; the server default is 512 —
+this backend never changes server settings). Names spread evenly over the
+buckets, so with the default every bucket stays compact up to about **26
+million** names (the chance that any bucket exceeds 512 is then 1 %; at 27.8
+million one bucket is expected to have). Beyond that, full buckets turn into real
+hash tables one by one: still correct, just about 80 bytes per name in those
+buckets (a server configured with 128 reaches that point at about 5 million).
+A converted bucket becomes a listpack again only when the server reloads its data.
+
+Scripts receive the fixed keys above in ``KEYS``, then the bucket key of every
+done-set name the call reads or writes (computed here, once per bucket), and find
+a name's bucket among them by its 2 bytes: every key a script touches is in
+``KEYS`` (Redis Cluster), and push/commit stay one call. Clearing the done set
+unlinks all 65 536 possible bucket keys in one script. A loop written by an
+earlier version still has the old ``done`` SET: :meth:`RedisDoneSet.open` moves
+it into the buckets.
 
 Every protocol call is one round trip: a Lua script from ``lua/*.lua`` (shared
 helpers in ``lua/lib.lua``), registered once per client with ``register_script``
 (``EVALSHA``, with redis-py's ``NOSCRIPT`` fallback), or one atomic command.
 Task batches (push, commit, the reserve reply) travel as one msgpack string;
-lease batches (release, retry, bury) as flat ``ARGV`` pairs/triples. Scripts
+lease batches (release, retry, bury) as flat ``ARGV`` pairs/triples, done-set
+batches as flat ``ARGV`` digests. Scripts
 issue multi-argument commands in chunks of 512, so batch size is limited only
 by memory, never by Lua's ``unpack``. Times that cross processes
 (delays, heartbeats) are the server's ``TIME``.
@@ -69,8 +99,8 @@ import importlib.resources
 import json
 import logging
 import math
-from collections.abc import Awaitable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import msgpack
@@ -112,13 +142,26 @@ DEFAULT_PREFIX = "achihuo"
 
 KEY_PARTS = (
     "seq", "tasks", "meta", "ready", "delayed", "leased", "pending",
-    "done", "dead", "wake", "workers", "winfo", "aliases", "mailbox",
+    "dcount", "dead", "wake", "workers", "winfo", "aliases", "mailbox",
 )  # fmt: skip
-"""Every key of a loop, in the order scripts receive them in ``KEYS``."""
+"""The fixed keys of a loop, in the order scripts receive them in ``KEYS``.
+
+The done-set buckets (:data:`BUCKET_PART` + :data:`BUCKET_BYTES` bytes) a call needs
+follow them in ``KEYS``."""
+
+BUCKET_PART = "d:"
+"""Done-set bucket keys are ``redis_key(NAME, BUCKET_PART)`` + the first digest bytes."""
+BUCKET_BYTES = 2
+"""Digest bytes that pick a done-set bucket: 256 ** 2 = 65 536 buckets."""
+LEGACY_DONE_PART = "done"
+"""The done set of earlier versions: one SET of digests, moved into the buckets at open."""
+MIGRATE_CHUNK = 1000
+"""Names moved from the old done SET per step (``SSCAN`` count)."""
 
 SCRIPTS = (
     "push", "reserve", "commit", "release", "retry", "bury", "dead_letters", "requeue",
     "stats", "clear", "peek", "register", "heartbeat", "unregister", "recover", "workers", "send", "leases",
+    "done_add", "done_contains", "done_remove", "done_clear",
 )  # fmt: skip
 
 ERROR_MAX_CHARS = 2048
@@ -201,7 +244,7 @@ def _script_sources() -> dict[str, str]:
     folder = importlib.resources.files(__package__).joinpath("lua")
     keys = ", ".join(f"{part} = KEYS[{i}]" for i, part in enumerate(KEY_PARTS, 1))
     lib = folder.joinpath("lib.lua").read_text(encoding="utf-8")
-    prelude = f"local K = {{{keys}}}\n{lib}\n"
+    prelude = f"local K = {{{keys}}}\nlocal FIXED_KEYS = {len(KEY_PARTS)}\n{lib}\n"
     return {name: prelude + folder.joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in SCRIPTS}
 
 
@@ -226,6 +269,11 @@ def _delay_ms(seconds: float) -> float:
 def _task_list(tasks: Sequence[NewTask]) -> list[list[Any]]:
     """Tasks as the scripts' ``insert`` reads them: payload, key ('' = unnamed), flags, delay in ms."""
     return [[t.payload, t.key or b"", (1 if t.unique else 0) | (2 if t.head else 0), _delay_ms(t.delay)] for t in tasks]
+
+
+def _unique_keys(tasks: Sequence[NewTask]) -> list[bytes]:
+    """Keys of the tasks a push checks against the done set."""
+    return [t.key for t in tasks if t.unique and t.key]
 
 
 def _pack(batch: Any) -> bytes:
@@ -296,6 +344,9 @@ class _RedisBackend:
             raise ConfigError(f"redis url {self.location}: {exc}") from None
         self._target = tuple(sorted((k, repr(v)) for k, v in params.items()))
         self._client: Redis | None = None
+        self._keys = [self._key(part) for part in KEY_PARTS]
+        self._bucket_prefix = self._key(BUCKET_PART)
+        self._scripts: dict[str, AsyncScript] = {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.namespace!r}, {self.location!r})"
@@ -305,6 +356,17 @@ class _RedisBackend:
 
     def _same_data(self, other: _RedisBackend) -> bool:
         return (self._target, self.prefix, self.namespace) == (other._target, other.prefix, other.namespace)
+
+    def _bucket_keys(self, digests: Iterable[bytes]) -> list[bytes]:
+        """The done-set bucket key of each digest, once each (appended to ``KEYS``)."""
+        prefix = self._bucket_prefix
+        return [prefix + b for b in {d[:BUCKET_BYTES] for d in digests}]
+
+    async def _script(self, name: str, args: Sequence[Any] = (), digests: Iterable[bytes] = ()) -> Any:
+        """Run script ``name``; ``digests``: the done-set names it reads or writes."""
+        client = self._redis  # raises when not open
+        keys = self._keys + self._bucket_keys(digests)
+        return await self._run(self._scripts[name](keys=keys, args=list(args), client=client))
 
     # -- errors ------------------------------------------------------------
 
@@ -410,7 +472,8 @@ class _RedisBackend:
         )
 
     def _after_open(self, client: Redis) -> None:
-        """Hook for subclasses: set up what needs the client."""
+        """Register the scripts (loaded on first use)."""
+        self._scripts = {name: client.register_script(source) for name, source in _script_sources().items()}
 
     async def _read_durability(self, client: Redis) -> None:
         settings: dict[str, str] = {}
@@ -445,6 +508,7 @@ class _RedisBackend:
 
     async def close(self) -> None:
         """Close the connections. Idempotent; data stays."""
+        self._scripts = {}
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
@@ -462,27 +526,17 @@ class RedisQueue(_RedisBackend):
 
     def __init__(self, namespace: str, **options: Any) -> None:
         super().__init__(namespace, **options)
-        self._keys = [self._key(part) for part in KEY_PARTS]
-        self._scripts: dict[str, AsyncScript] = {}
         self._waiter: Redis | None = None
-
-    def _after_open(self, client: Redis) -> None:
-        self._scripts = {name: client.register_script(source) for name, source in _script_sources().items()}
 
     async def close(self) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None:
             await waiter.aclose()
-        self._scripts = {}
         await super().close()
 
     def shares_done_set(self, done: DoneSetBackend) -> bool:
         """True for a :class:`RedisDoneSet` of the same URL, key prefix and namespace."""
         return isinstance(done, RedisDoneSet) and self._same_data(done)
-
-    async def _script(self, name: str, args: Sequence[Any] = ()) -> Any:
-        client = self._redis  # raises when not open
-        return await self._run(self._scripts[name](keys=self._keys, args=list(args), client=client))
 
     # -- queue ---------------------------------------------------------------
 
@@ -490,7 +544,7 @@ class RedisQueue(_RedisBackend):
         """Push a batch in one script; unique keys are checked against pending and the done set."""
         if not tasks:
             return 0
-        return int(await self._script("push", [_pack(_task_list(tasks))]))
+        return int(await self._script("push", [_pack(_task_list(tasks))], _unique_keys(tasks)))
 
     async def reserve(self, worker: str, limit: int) -> list[Lease]:
         """Promote due delayed tasks (server clock), then lease up to ``limit`` from the head."""
@@ -505,7 +559,12 @@ class RedisQueue(_RedisBackend):
         batch = [
             [c.lease.task_id, _token(c.lease), list(c.undone), list(c.done), _task_list(c.children)] for c in commits
         ]
-        return int(await self._script("commit", [_pack(batch)]))
+        digests: list[bytes] = []
+        for c in commits:
+            digests += c.undone
+            digests += c.done
+            digests += _unique_keys(c.children)
+        return int(await self._script("commit", [_pack(batch)], digests))
 
     async def release(self, leases: Sequence[Lease]) -> int:
         """Return held leases to the head in the given order; no failure counted."""
@@ -668,40 +727,81 @@ def _ms(seconds: float) -> int:
 
 
 class RedisDoneSet(_RedisBackend):
-    """:class:`~achihuo_mini.backend.DoneSetBackend`: one Redis SET of 16-byte digests per loop.
+    """:class:`~achihuo_mini.backend.DoneSetBackend`: 16-byte digests in 65 536 hash buckets per loop.
 
-    Every method is one atomic command.
+    Every method is one script call (``count`` one ``GET``); see the module docstring
+    for the layout and :meth:`open` for the move from the old one-SET layout.
     """
 
     @property
     def _done(self) -> bytes:
-        return self._key("done")
+        """The old layout's done SET (moved into the buckets by :meth:`open`; gone afterwards)."""
+        return self._key(LEGACY_DONE_PART)
+
+    async def open(self) -> None:
+        """Connect (see :meth:`_RedisBackend.open`), then move an old-layout done SET into the buckets."""
+        if self._client is not None:
+            return
+        await super().open()
+        try:
+            await self._migrate()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _migrate(self) -> None:
+        """Move the names of the old done SET into the buckets, chunk by chunk.
+
+        Each chunk is added through ``done_add`` (the counter stays exact), then
+        removed from the SET: a crash loses nothing, and the next open finishes the
+        job. Redis deletes the SET with its last member; the loop ends then (it also
+        picks up names an old-version process adds meanwhile).
+        """
+        client, old = self._redis, self._done
+        if not await self._run(client.exists(old)):
+            return
+        moved = new = 0
+        while await self._run(client.exists(old)):
+            cursor = 0
+            while True:
+                cursor, members = await self._run(client.sscan(old, cursor, count=MIGRATE_CHUNK))
+                chunk = cast("list[bytes]", members)  # decode_responses=False
+                if chunk:
+                    new += await self.add(chunk)
+                    await self._run(client.srem(old, *chunk))
+                    moved += len(chunk)
+                if not cursor:
+                    break
+        log.info("%s: moved %d done names (%d new) from the old SET %r into hash buckets", self, moved, new, old)
 
     async def add(self, keys: Sequence[bytes]) -> int:
-        """``SADD``: how many keys were new."""
+        """How many keys were new."""
         if not keys:
             return 0
-        return int(await self._run(self._redis.sadd(self._done, *keys)))
+        return int(await self._script("done_add", keys, keys))
 
     async def contains(self, keys: Sequence[bytes]) -> list[bool]:
-        """``SMISMEMBER``: membership of each key, in order."""
+        """Membership of each key, in order."""
         if not keys:
             return []
-        return [bool(x) for x in await self._run(self._redis.smismember(self._done, list(keys)))]
+        return [bool(x) for x in await self._script("done_contains", keys, keys)]
 
     async def remove(self, keys: Sequence[bytes]) -> int:
-        """``SREM``: how many keys were present."""
+        """How many keys were present."""
         if not keys:
             return 0
-        return int(await self._run(self._redis.srem(self._done, *keys)))
+        return int(await self._script("done_remove", keys, keys))
 
     async def count(self) -> int:
-        """``SCARD``."""
-        return int(await self._run(self._redis.scard(self._done)))
+        """``GET`` of the counter the scripts keep."""
+        return int(await self._run(self._redis.get(self._key("dcount"))) or 0)
 
     async def clear(self) -> None:
-        """``UNLINK`` the set (freed in the background)."""
-        await self._run(self._redis.unlink(self._done))
+        """``UNLINK`` every bucket and the counter in one script (freed in the background)."""
+        client = self._redis
+        buckets = [self._bucket_prefix + i.to_bytes(BUCKET_BYTES, "big") for i in range(256**BUCKET_BYTES)]
+        keys = self._keys + buckets + [self._done]
+        await self._run(self._scripts["done_clear"](keys=keys, args=[], client=client))
 
 
 # -- plugin ------------------------------------------------------------------------

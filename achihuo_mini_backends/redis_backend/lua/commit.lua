@@ -1,4 +1,5 @@
--- commit: ARGV = msgpack list of {id, token, undone keys, done keys, children}.
+-- commit: ARGV = msgpack list of {id, token, undone keys, done keys, children};
+-- KEYS also hold the done-set bucket of every undone, done and unique child key.
 -- A commit applies only while its lease token matches (fencing); a fenced commit
 -- writes nothing. In batch order, each commit: ack (its pending count drops),
 -- undone, done, children (unique against pending and done). Returns how many applied.
@@ -20,8 +21,8 @@ for i, c in ipairs(batch) do
       local _, _, key = unpack_meta(metas[i])
       pending_drop(key)
     end
-    call_chunked('SREM', K.done, c[3])
-    call_chunked('SADD', K.done, c[4])
+    done_remove(c[3])
+    done_add(c[4])
     pushed = pushed + insert(c[5], true)
   end
 end

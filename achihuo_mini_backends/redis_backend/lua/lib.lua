@@ -1,8 +1,9 @@
 -- Shared helpers of the achihuo_mini Redis backend.
 --
--- The module prepends a generated line `local K = {seq = KEYS[1], ...}` and this
--- file to every script, so every key a script touches comes from KEYS (all keys
--- of one loop share the `{NAME}` hash tag: one Cluster slot).
+-- The module prepends generated lines `local K = {seq = KEYS[1], ...}` and
+-- `local FIXED_KEYS = <#K>` and this file to every script, so every key a script
+-- touches comes from KEYS (all keys of one loop share the `{NAME}` hash tag: one
+-- Cluster slot). KEYS after the fixed ones are done-set buckets (see done_bucket).
 --
 -- Task batches arrive as one msgpack ARGV (Redis's cmsgpack reads msgpack raw
 -- strings, not the bin type), so a batch is never limited by Lua's unpack;
@@ -16,7 +17,8 @@
 --   delayed  ZSET    zero-padded id, score = due time in ms (Redis TIME)
 --   leased   HASH    id -> '<attempt>:<worker>' (the fencing token)
 --   pending  HASH    key digest -> copies ready, delayed or leased
---   done     SET     key digests of finished names
+--   dcount   STRING  number of names in the done set
+--   d:<b0b1> HASH    done-set bucket: digest bytes 3..16 -> '' (b0 b1: its first 2 bytes)
 --   dead     LIST    cmsgpack {id, failures, key, error, payload}, oldest first
 --   wake     LIST    wake-up tokens for idle workers (short, expiring)
 --   workers  HASH    worker -> cmsgpack {alias, role, ttl_ms, last_seen_ms}
@@ -81,6 +83,61 @@ local function hmget(key, fields)
   return out
 end
 
+-- The done set: one HASH bucket per first BUCKET_BYTES bytes of a digest (key
+-- `<prefix>:{NAME}:d:<those bytes>`), field = the rest of the digest, value ''.
+-- K.dcount counts the names, kept exact from HSETNX/HDEL replies. The caller passes
+-- each bucket key a call needs once, after the fixed keys; they are looked up by
+-- the bytes after `:d:`.
+local BUCKET_BYTES = 2
+local buckets = nil
+
+local function done_bucket(digest)
+  if not buckets then
+    buckets = {}
+    local skip = #K.dcount - #'dcount' + #'d:'  -- the bucket prefix is the counter's, 'd:' for 'dcount'
+    for i = FIXED_KEYS + 1, #KEYS do
+      buckets[string.sub(KEYS[i], skip + 1)] = KEYS[i]
+    end
+  end
+  local key = buckets[string.sub(digest, 1, BUCKET_BYTES)]
+  if not key then
+    error('achihuo: the done-set bucket of a name is not in KEYS')
+  end
+  return key, string.sub(digest, BUCKET_BYTES + 1)
+end
+
+local function done_has(digest)
+  local key, field = done_bucket(digest)
+  return redis.call('HEXISTS', key, field) == 1
+end
+
+-- Add digests to the done set; returns how many were new.
+local function done_add(digests)
+  local n = 0
+  for _, digest in ipairs(digests) do
+    local key, field = done_bucket(digest)
+    n = n + redis.call('HSETNX', key, field, '')
+  end
+  if n > 0 then
+    redis.call('INCRBY', K.dcount, n)
+  end
+  return n
+end
+
+-- Remove digests from the done set; returns how many were there. An emptied bucket
+-- goes away by itself; an emptied set takes its counter along.
+local function done_remove(digests)
+  local n = 0
+  for _, digest in ipairs(digests) do
+    local key, field = done_bucket(digest)
+    n = n + redis.call('HDEL', key, field)
+  end
+  if n > 0 and redis.call('DECRBY', K.dcount, n) <= 0 then
+    redis.call('DEL', K.dcount)
+  end
+  return n
+end
+
 local function pending_drop(key)
   if key ~= '' and redis.call('HINCRBY', K.pending, key, -1) <= 0 then
     redis.call('HDEL', K.pending, key)
@@ -122,7 +179,7 @@ local function insert(tasks, check_done)
     local skip = false
     if key ~= '' then
       if flags % 2 == 1 and ((tonumber(redis.call('HGET', K.pending, key)) or 0) > 0
-          or (check_done and redis.call('SISMEMBER', K.done, key) == 1)) then
+          or (check_done and done_has(key))) then
         skip = true
       else
         redis.call('HINCRBY', K.pending, key, 1)

@@ -1,5 +1,6 @@
 -- push: ARGV = msgpack list of tasks (see insert). Unique tasks are checked against
--- pending keys and this loop's done set. Returns how many tasks were enqueued.
+-- pending keys and this loop's done set (KEYS hold the bucket of every unique key).
+-- Returns how many tasks were enqueued.
 local pushed = insert(cmsgpack.unpack(ARGV[1]), true)
 wake(pushed)
 return pushed
