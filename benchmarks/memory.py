@@ -13,8 +13,9 @@ task are what the N tasks cost.
 (b) Bytes per done-set entry after adding N names (16-byte digests, ``name_key``)
 in batches of 10 000: SQLite (``SqliteDoneSet``, the database file in a temporary
 directory, after close) and Redis (``INFO memory`` ``used_memory`` before/after,
-and ``MEMORY USAGE`` of the done key; ``--redis-url``, default ``$REDIS_URL`` or
-redis://127.0.0.1:6379/0; the key is removed at the end). The baseline is the raw
+and ``MEMORY USAGE`` summed over the done set's keys: its hash buckets and counter;
+``--redis-url``, default ``$REDIS_URL`` or redis://127.0.0.1:6379/0; the keys are
+removed at the end). The baseline is the raw
 16-byte digest. The Redis figures are server-wide deltas: run it on an idle server.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import resource
 import subprocess
@@ -137,17 +139,25 @@ async def redis_done(n: int, redis_url: str) -> dict[str, float]:
             await done.add(keys[i : i + BATCH])
         elapsed = time.perf_counter() - started
         after = int((await client.info("memory"))["used_memory"])
-        usage = int(await client.memory_usage(done._done, samples=0) or 0)
+        data_keys = [*done._bucket_keys(keys), done._key("dcount")]
+        usage, encodings = 0, collections.Counter[str]()
+        for i in range(0, len(data_keys), BATCH):
+            pipe = client.pipeline(transaction=False)
+            for key in data_keys[i : i + BATCH]:
+                pipe.memory_usage(key, samples=0)
+                pipe.object("encoding", key)
+            replies = await pipe.execute()
+            usage += sum(int(u or 0) for u in replies[0::2])
+            encodings.update(e.decode() if isinstance(e, bytes) else str(e) for e in replies[1::2])
         count = await done.count()
-        encoding = await client.object("encoding", done._done)
     finally:
         await done.clear()
         await done.close()
-        left = await client.exists(done._done)
+        left = await client.exists(*data_keys)
         await client.aclose()
     assert count == n, f"redis: {count} of {n} names"
-    assert not left, "redis: the done key is still there"
-    enc = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
+    assert not left, "redis: done-set keys are still there"
+    enc = ", ".join(f"{k} {v}" for k, v in encodings.most_common())
     return {"delta": after - before, "usage": usage, "seconds": elapsed, "encoding": enc}  # type: ignore[dict-item]
 
 
@@ -239,7 +249,7 @@ def main() -> None:
                 str(n),
                 f"{r['usage'] / n:.1f}",
                 f"{r['usage'] / n / DIGEST:.2f}",
-                f"MEMORY USAGE SAMPLES 0 / N ({r['encoding']})",
+                f"MEMORY USAGE SAMPLES 0 of its keys / N ({r['encoding']})",
                 "-",
             ]
         )
