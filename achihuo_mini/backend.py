@@ -214,6 +214,13 @@ class QueueBackend(Protocol):
         For each commit whose lease is still held: remove the task (its key's
         pending count drops), apply done/undone keys, push the children. A
         fenced commit writes nothing at all.
+
+        The commits of one call come from attempts that ran concurrently, so a
+        backend may apply them one after the other or in three phases: every ack,
+        then every done-set change in commit order (the last change of a key wins),
+        then every child in commit order (unique ones checked against pending and
+        done as they stand after the first two phases). Both orders lose nothing:
+        acking first only ever lets more unique children through.
         """
 
     async def release(self, leases: Sequence[Lease]) -> int:
