@@ -58,7 +58,7 @@ from .backend import (
     QueueStats,
     WorkerRegistry,
 )
-from .codec import check_args, decode_task, encode_task, name_key
+from .codec import decode_task, encode_task, name_key
 from .config import DEFAULT_CACHE_BACKEND, Settings, load_settings
 from .errors import (
     BackendError,
@@ -408,7 +408,8 @@ class AsyncLoop:
             if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not (0 <= delay < float("inf")):
                 raise ValueError(f"add_task: delay must be a non-negative number of seconds, not {delay!r}")
         if not repeat and task_name is not None and task_name in self._dedup:
-            check_args(args)  # bad arguments are an error whether or not the task is skipped
+            # dropped before its arguments are looked at: nothing is stored, and the first
+            # add of every name (never a cache hit) checks them
             self._summary.deduplicated += 1
             return None
         payload = encode_task(generator_name, task_name, args)
@@ -441,11 +442,23 @@ class AsyncLoop:
         ``repeat=False`` is decided by the backend when the task is written, except
         for names this process itself saw done or pending in the last
         ``dedup_cache_ttl`` seconds (the local dedup cache, ``dedup_cache`` names at
-        most): those are skipped here, without encoding or a round trip. The cache
+        most): those are skipped here, before their arguments are even checked (the
+        first add of a name always checks them), without a round trip. The cache
         forgets a name this process uncaches, buries, or acks without ``task_done``;
         a name that another process uncaches may still be skipped here until the
         cache expires. ``dedup_cache = 0`` turns it off.
         """
+        if (
+            repeat is False
+            and type(task_name) is str
+            and task_name in self._dedup
+            and priority is False
+            and delay is None
+            and type(generator_name) is str
+            and generator_name in self._handlers
+        ):  # the crawler's common case, a link seen before: what _new_task would do, in short
+            self._summary.deduplicated += 1
+            return
         task = self._new_task(generator_name, args, task_name, repeat, priority, delay)
         if task is not None:
             self._route([task], unique=[task_name] if task.unique else None)  # type: ignore[list-item]

@@ -156,11 +156,18 @@ async def test_the_cache_keeps_at_most_dedup_cache_names(memory_spiders: SpiderF
     assert summary.deduplicated > 0
 
 
-async def test_bad_arguments_raise_even_when_the_name_is_cached(memory_spiders: SpiderFactory) -> None:
+async def test_a_cached_duplicate_is_dropped_unchecked_a_new_name_is_checked(memory_spiders: SpiderFactory) -> None:
+    """A local skip stores nothing, so its arguments are not even looked at (that is most of
+    its cost); the first add of every name is never a cache hit, so a bad argument still
+    raises there, and an unknown handler always raises."""
     loop = memory_spiders(Steps)
     loop._dedup["x"] = None
+    loop.add_task("done", {"bad": (1, 2)}, task_name="x", repeat=False)
+    assert loop._outbox.tasks == [] and loop._summary.deduplicated == 1
     with pytest.raises(TypeError, match=r"args\[0\]\['bad'\]: tuple"):
-        loop.add_task("done", {"bad": (1, 2)}, task_name="x", repeat=False)
+        loop.add_task("done", {"bad": (1, 2)}, task_name="y", repeat=False)
+    with pytest.raises(TypeError, match=r"args\[0\]\['bad'\]: tuple"):
+        loop.add_task("done", {"bad": (1, 2)}, task_name="x")  # repeat=True: never skipped
     with pytest.raises(Exception, match="not a handler"):
         loop.add_task("nope", "a", task_name="x", repeat=False)
 
