@@ -175,6 +175,14 @@ class _Outbox:
     def done_keys(self, value: bool) -> list[bytes]:
         return [k for k, v in self.done.items() if v is value]
 
+    def split_done(self) -> tuple[list[bytes], list[bytes]]:
+        """``(done, undone)`` keys, in one pass (most outboxes hold one done name and nothing else)."""
+        done: list[bytes] = []
+        undone: list[bytes] = []
+        for k, v in self.done.items():
+            (done if v else undone).append(k)
+        return done, undone
+
 
 @dataclass
 class _Attempt:
@@ -550,10 +558,10 @@ class AsyncLoop:
 
     # -- the local dedup cache ----------------------------------------------------
 
-    def _learn(self, outbox: _Outbox, fenced: bool = False) -> None:
-        """After ``outbox`` was written: its done names and repeat=False names are now done or
-        pending (remember them), uncached names are not (forget them). After a commit
-        with fenced attempts nothing is remembered: some of the pushes were not written."""
+    def _learn(self, *outboxes: _Outbox, fenced: bool = False) -> None:
+        """After ``outboxes`` were written: their done names and repeat=False names are now
+        done or pending (remember them), uncached names are not (forget them). After a
+        commit with fenced attempts nothing is remembered: some pushes were not written."""
         cache = self._dedup
         if not self._dedup_max:
             return
@@ -561,14 +569,15 @@ class AsyncLoop:
         if now - self._dedup_since > self._dedup_ttl:
             cache.clear()
             self._dedup_since = now
-        for name, done in outbox.names.items():
-            if done and not fenced:
-                cache[name] = None
-            else:
-                cache.pop(name, None)
-        if not fenced:
-            for name in outbox.unique:
-                cache[name] = None
+        for outbox in outboxes:
+            for name, done in outbox.names.items():
+                if done and not fenced:
+                    cache[name] = None
+                else:
+                    cache.pop(name, None)
+            if not fenced:
+                for name in outbox.unique:
+                    cache[name] = None
         if len(cache) > self._dedup_max:  # forget the oldest half
             for name in list(itertools.islice(cache, len(cache) - self._dedup_max // 2)):
                 del cache[name]
@@ -925,8 +934,9 @@ class AsyncLoop:
             if leases:
                 idle_since = None
                 poll = 0.01
+                deadline = self._task_deadline()
                 for lease in leases:
-                    self._start_attempt(lease)
+                    self._start_attempt(lease, deadline)
                 await asyncio.sleep(0)  # let handlers that finish at once free their slots
                 continue
             # nothing ready
@@ -1059,9 +1069,9 @@ class AsyncLoop:
                 log.warning("%s: released %d tasks leased by a reserve whose reply was lost", self.name, n)
         self._reserve_uncertain = False
 
-    def _start_attempt(self, lease: Lease) -> None:
+    def _start_attempt(self, lease: Lease, deadline: float) -> None:
         self._known.add(lease.task_id)
-        attempt = _Attempt(self, lease, "", deadline=self._task_deadline())
+        attempt = _Attempt(self, lease, "", deadline=deadline)
         task = asyncio.create_task(self._run_attempt(attempt))
         self._running[task] = attempt
         task.add_done_callback(self._attempt_finished)
@@ -1150,8 +1160,9 @@ class AsyncLoop:
         self._kick()
 
     def _kick(self) -> None:
-        if self._flush_wanted is not None:
-            self._flush_wanted.set()
+        wanted = self._flush_wanted
+        if wanted is not None and not wanted.is_set():
+            wanted.set()
 
     # -- the committer: coalesced writes ------------------------------------------
 
@@ -1201,9 +1212,8 @@ class AsyncLoop:
                 self._commits[:0] = attempts
                 raise
             self._known.difference_update(a.lease.task_id for a in attempts)
-            fenced = applied < len(attempts)
+            self._learn(*(a.outbox for a in attempts), fenced=applied < len(attempts))
             for a in attempts:
-                self._learn(a.outbox, fenced)
                 if a.name is not None and not a.outbox.names.get(a.name) and a.name not in a.outbox.unique:
                     self._forget(a.name)  # acked without task_done: no longer pending, maybe not done
             self._summary.succeeded += applied
@@ -1228,9 +1238,7 @@ class AsyncLoop:
     async def _commit(self, attempts: list[_Attempt]) -> int:
         q, d = self._queue, self._done
         if self._shared:
-            commits = [
-                Commit(a.lease, a.outbox.done_keys(True), a.outbox.done_keys(False), a.outbox.tasks) for a in attempts
-            ]
+            commits = [Commit(a.lease, *a.outbox.split_done(), a.outbox.tasks) for a in attempts]
         else:
             merged = _Outbox()
             for a in attempts:
