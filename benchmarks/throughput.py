@@ -5,7 +5,10 @@
 
 Each backend: add N tasks with ``add_tasks`` (timed separately), then run them to idle
 with no-op handlers at the given concurrency. The baseline is an ``asyncio.Queue`` with
-the same number of worker coroutines running the same no-op coroutine. Redis uses
+the same number of worker coroutines running the same no-op coroutine (awaiting a no-op
+coroutine never suspends: this measures a bare function call). A second reference runs
+each no-op call in its own ``asyncio.Task``, as the loop runs each handler (its own
+context, cancellation and task_timeout), at the same concurrency. Redis uses
 ``--redis-url`` (default ``$REDIS_URL`` or redis://127.0.0.1:6379/0) and its own NAME.
 """
 
@@ -46,6 +49,31 @@ async def bare_asyncio(n: int, concurrency: int) -> float:
             await noop(i)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - started
+
+
+async def bare_tasks(n: int, concurrency: int) -> float:
+    """A second reference: each no-op call in its own ``asyncio.Task`` (what isolating a
+    handler costs: its own context, cancellation and timeout), ``concurrency`` at a time."""
+
+    async def noop(i: int) -> None:
+        pass
+
+    slots = asyncio.Semaphore(concurrency)
+    running: set[asyncio.Task[None]] = set()
+
+    def finished(task: asyncio.Task[None]) -> None:
+        running.discard(task)
+        slots.release()
+
+    started = time.perf_counter()
+    for i in range(n):
+        await slots.acquire()
+        task = asyncio.create_task(noop(i))
+        running.add(task)
+        task.add_done_callback(finished)
+    while running:
+        await asyncio.gather(*running)
     return time.perf_counter() - started
 
 
@@ -98,8 +126,10 @@ async def main() -> None:
     args = parser.parse_args()
     n, c = args.tasks, args.concurrency
     base = await bare_asyncio(n, c)
-    rows = [["backend", "tasks", "add tasks/s", "run tasks/s", "run CPU s", "vs bare asyncio"]]
-    rows.append(["bare asyncio.Queue", str(n), "-", f"{n / base:,.0f}", "-", "1.00"])
+    per_task = await bare_tasks(n, c)
+    rows = [["backend", "tasks", "add tasks/s", "run tasks/s", "run CPU s", "vs bare asyncio", "vs a Task each"]]
+    rows.append(["bare asyncio.Queue", str(n), "-", f"{n / base:,.0f}", "-", "1.00", "-"])
+    rows.append(["bare, a Task each", str(n), "-", f"{n / per_task:,.0f}", "-", f"{base / per_task:.3f}", "1.00"])
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends:
             r = await run_backend(backend, n, c, args.redis_url, Path(tmp))
@@ -111,6 +141,7 @@ async def main() -> None:
                     f"{n / r['run_s']:,.0f}",
                     f"{r['cpu_s']:.2f}",
                     f"{base / r['run_s']:.3f}",
+                    f"{per_task / r['run_s']:.2f}",
                 ]
             )
     print(
