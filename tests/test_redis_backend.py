@@ -22,7 +22,7 @@ import time
 import uuid
 from asyncio.subprocess import DEVNULL, PIPE
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import pytest
 import redis.asyncio
 from redis.crc import key_slot
 
+from achihuo_mini import AsyncLoop
 from achihuo_mini.backend import Commit, NewTask, QueueStats
 from achihuo_mini.codec import name_key
 from achihuo_mini.config import build_backend_options
@@ -49,6 +50,8 @@ from achihuo_mini_backends.redis_backend import (
     mask_url,
     redis_key,
 )
+
+from .conftest import SpiderFactory
 
 PROCS = Path(__file__).parent / "procs"
 SECRET = "hunter2-s3cr3t"
@@ -750,3 +753,39 @@ async def test_four_processes_deliver_each_task_exactly_once(
     assert set(delivered) == {f"task-{i}" for i in range(total)}, "no task missing"
     assert sum(1 for out in outs if out.read_text()) >= 2, "the processes shared the work"
     assert await q.stats() == QueueStats(0, 0, 0, 0)
+
+
+class _Tree(AsyncLoop):
+    """Task i adds 2i+1 and 2i+2 (new) and 0 (a repeat), like a crawl's links."""
+
+    N = 400
+
+    async def run(self) -> None:
+        self.add_task("node", 0, task_name="n0", repeat=False)
+
+    async def node(self, i: int) -> None:
+        for j in (2 * i + 1, 2 * i + 2, 0):
+            if j < self.N:
+                self.add_task("node", j, task_name=f"n{j}", repeat=False)
+        self.task_done(f"n{i}")
+
+
+@pytest.fixture
+def redis_spiders(redis_url: str, tmp_path: Path) -> Iterator[SpiderFactory]:
+    factory = SpiderFactory("redis", {"url": redis_url}, tmp_path)
+    yield factory
+    factory.cleanup()
+
+
+async def test_round_trips_per_task_stay_well_under_two(redis_spiders: SpiderFactory) -> None:
+    """Design: the hot path makes about two amortised backend round trips per task or fewer.
+
+    Reserve and commit are batched over concurrent handlers, children and done names ride
+    with the commit: a tree crawl of 400 tasks with 3 adds each (one a repeat) is counted."""
+    loop = redis_spiders(_Tree, concurrency=16, debug=False, progress_interval=0)
+    summary = await loop.serve(idle_exit=0)
+    assert summary.succeeded == _Tree.N and summary.exit_code == 0
+    trips = loop._queue.round_trips + loop._done.round_trips
+    per_task = trips / _Tree.N
+    print(f"{trips} round trips for {_Tree.N} tasks: {per_task:.2f} per task")
+    assert per_task <= 1.0, f"{per_task:.2f} round trips per task"

@@ -344,6 +344,8 @@ class _RedisBackend:
             raise ConfigError(f"redis url {self.location}: {exc}") from None
         self._target = tuple(sorted((k, repr(v)) for k, v in params.items()))
         self._client: Redis | None = None
+        self.round_trips = 0
+        """Calls sent to the server so far, each one round trip (a script, a command or a pipeline)."""
         self._keys = [self._key(part) for part in KEY_PARTS]
         self._bucket_prefix = self._key(BUCKET_PART)
         self._scripts: dict[str, AsyncScript] = {}
@@ -403,6 +405,7 @@ class _RedisBackend:
         deadline drops its connection (redis-py never reuses a half-read one).
         """
         deadline = self.socket_timeout if timeout is None else timeout
+        self.round_trips += 1
         try:
             async with asyncio.timeout(deadline):
                 return await aw
