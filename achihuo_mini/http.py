@@ -502,6 +502,12 @@ class HttpClient:
         self._hosts: dict[str, _Host] = {}
         self._prune_at = _PRUNE_AT
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        from .async_loop import AsyncLoop
+
+        # the loop's check_html, unless it is AsyncLoop's own (which accepts everything)
+        checker = getattr(loop, "check_html", None)
+        default = getattr(checker, "__func__", None) is AsyncLoop.check_html
+        self.check_html: Callable[[str], Any] | None = None if default else checker
 
     def session(self) -> aiohttp.ClientSession:
         """The loop's session; created now if there is none in the running event loop."""
@@ -769,7 +775,7 @@ async def request(
     if session is not None and not isinstance(session, aiohttp.ClientSession):
         raise TypeError(f"session= must be an aiohttp.ClientSession, not {type(session).__name__}")
     kwargs = _request_kwargs(item, client.client_timeout(timeout), keep_alive)
-    checker = check_html if check_html is not None else getattr(client.loop, "check_html", None)
+    checker = check_html if check_html is not None else client.check_html
     forced = item.get("encoding")
     http = session if session is not None else client.session()
     last_error = ""
