@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -32,14 +33,25 @@ __all__ = ["MemoryDoneSet", "MemoryQueue", "achihuo_register_backends", "drop_na
 
 
 class _Task:
-    __slots__ = ("attempt", "failures", "key", "payload", "worker")
+    """A task that has a task id: leased, delayed, dead, or back in the ready deque after a lease."""
 
-    def __init__(self, payload: bytes, key: bytes | None) -> None:
+    __slots__ = ("attempt", "failures", "key", "payload", "tid", "worker")
+
+    def __init__(
+        self, tid: int, payload: bytes, key: bytes | None, worker: str | None = None, attempt: int = 0
+    ) -> None:
+        self.tid = tid
         self.payload = payload
         self.key = key
-        self.attempt = 0
+        self.attempt = attempt
         self.failures = 0
-        self.worker: str | None = None
+        self.worker = worker
+
+
+_NAMED = None
+"""In the ready deque: the next two entries are the key and the payload of a fresh named task."""
+
+_Entry = bytes | int | _Task | None
 
 
 class _Worker:
@@ -55,19 +67,41 @@ class _Worker:
 
 
 class _Store:
-    """All data of one namespace."""
+    """All data of one namespace.
+
+    Every queued task is in exactly one of ``ready``, ``delayed`` and ``leased``.
+
+    A task costs about its payload while it waits in ``ready`` for its first lease: an
+    unnamed one is just its payload ``bytes``, a named one the three entries ``_NAMED,
+    key, payload`` (the key object is mostly the one ``pending`` holds anyway). Its :class:`_Task`
+    record (attempt, failures, worker) is made when it is first reserved; a record that
+    comes back (release, recovery, an expired retry) goes into ``ready`` as itself.
+    Delayed pushes get their record at once.
+
+    Task ids are still given in push order, as if every task had one from the start:
+    fresh tasks in ``ready`` take consecutive ids from ``head_id`` on, except that an
+    ``int`` entry sets the id of the fresh task after it. Pushes to the tail that
+    continue ``tail_id`` (the id the next fresh task at the tail would get) need no such
+    entry; one is needed only where a head or delayed push used ids in between.
+    Records do not take part in the count.
+
+    The queue methods hold ``lock`` (an event loop in another thread may push while
+    this one reserves); the ``_`` helpers expect it held.
+    """
 
     def __init__(self) -> None:
-        self.ids = itertools.count(1)
-        self.tasks: dict[int, _Task] = {}
-        self.ready: deque[int] = deque()
-        self.delayed: list[tuple[float, int]] = []  # heap of (due, task id); id order breaks ties
+        self.next_id = 1  # the id of the next pushed task; never reused
+        self.ready: deque[_Entry] = deque()
+        self.head_id = self.tail_id = 1
+        self.extra = 0  # entries in ready that are not one per task: id entries, and two per fresh named task
+        self.delayed: list[tuple[float, int, _Task]] = []  # heap of (due, task id, task); id order breaks ties
         self.leased: dict[int, _Task] = {}
-        self.pending: Counter[bytes] = Counter()
+        self.pending: dict[bytes, int] = {}
         self.dead: dict[int, tuple[_Task, str]] = {}
         self.done: set[bytes] = set()
         self.workers: dict[str, _Worker] = {}
         self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self.lock = threading.Lock()  # loops in other threads may share the namespace
 
     def wake(self) -> None:
         waiters, self.waiters = self.waiters, []
@@ -122,165 +156,215 @@ class MemoryQueue:
 
     def _insert(self, tasks: Sequence[NewTask], check_done: bool) -> int:
         s = self._s
+        ready, pending = s.ready, s.pending
         now = time.monotonic()
-        head: list[int] = []
-        pushed = 0
+        tid, tail_id, extra = s.next_id, s.tail_id, s.extra
+        head: list[_Entry] = []
+        head_first = head_next = 0  # the ids of the first head task and of the one after the last
         for t in tasks:
             key = t.key
             if key is not None:
-                if t.unique and (s.pending[key] > 0 or (check_done and key in s.done)):
+                count = pending.get(key, 0)
+                if t.unique and (count or (check_done and key in s.done)):
                     continue
-                s.pending[key] += 1
-            tid = next(s.ids)
-            s.tasks[tid] = _Task(t.payload, key)
-            pushed += 1
+                pending[key] = count + 1
             if t.delay > 0:
-                heapq.heappush(s.delayed, (now + t.delay, tid))
+                heapq.heappush(s.delayed, (now + t.delay, tid, _Task(tid, t.payload, key)))
             elif t.head:
-                head.append(tid)
+                if not head:
+                    head_first = tid
+                elif tid != head_next:
+                    head.append(tid)
+                    extra += 1
+                head_next = tid + 1
+                if key is None:
+                    head.append(t.payload)
+                else:
+                    head += (_NAMED, key, t.payload)
+                    extra += 2
             else:
-                s.ready.append(tid)
+                if tid != tail_id:
+                    ready.append(tid)
+                    extra += 1
+                tail_id = tid + 1
+                if key is None:
+                    ready.append(t.payload)
+                else:
+                    ready.extend((_NAMED, key, t.payload))
+                    extra += 2
+            tid += 1
         if head:
-            s.ready.extendleft(reversed(head))
+            if not ready:
+                tail_id = head_next
+            elif head_next != s.head_id:  # what was there keeps its ids
+                head.append(s.head_id)
+                extra += 1
+            s.head_id = head_first
+            ready.extendleft(reversed(head))
+        pushed = tid - s.next_id
+        s.next_id, s.tail_id, s.extra = tid, tail_id, extra
         if pushed:
             s.wake()
         return pushed
 
     async def push(self, tasks: Sequence[NewTask]) -> int:
-        return self._insert(tasks, check_done=True)
+        with self._s.lock:
+            return self._insert(tasks, check_done=True)
 
     def _promote_due(self) -> None:
         s = self._s
         now = time.monotonic()
         while s.delayed and s.delayed[0][0] <= now:
-            _, tid = heapq.heappop(s.delayed)
-            if tid in s.tasks:
-                s.ready.append(tid)
+            s.ready.append(heapq.heappop(s.delayed)[2])
 
     async def reserve(self, worker: str, limit: int) -> list[Lease]:
         s = self._s
-        if limit <= 0:
-            return []
-        if s.delayed:
-            self._promote_due()
-        out: list[Lease] = []
-        while len(out) < limit and s.ready:
-            tid = s.ready.popleft()
-            task = s.tasks.get(tid)
-            if task is None:
-                continue
-            task.attempt += 1
-            task.worker = worker
-            s.leased[tid] = task
-            out.append(Lease(tid, task.payload, task.key, worker, task.attempt, task.failures))
-        return out
+        with s.lock:
+            if limit <= 0:
+                return []
+            if s.delayed:
+                self._promote_due()
+            ready: deque[Any] = s.ready  # Any: the entry types are told apart below, without casts
+            leased = s.leased
+            head_id, extra = s.head_id, s.extra
+            out: list[Lease] = []
+            for _ in range(min(limit, len(ready) - extra)):
+                entry = ready.popleft()
+                while type(entry) is int:  # the id of the next fresh task; always followed by a task
+                    head_id = entry
+                    extra -= 1
+                    entry = ready.popleft()
+                if type(entry) is _Task:  # leased before
+                    entry.attempt += 1
+                    entry.worker = worker
+                    leased[entry.tid] = entry
+                    out.append(Lease(entry.tid, entry.payload, entry.key, worker, entry.attempt, entry.failures))
+                    continue
+                key: bytes | None = None
+                if entry is _NAMED:
+                    key = ready.popleft()
+                    entry = ready.popleft()
+                    extra -= 2
+                leased[head_id] = _Task(head_id, entry, key, worker, 1)
+                out.append(Lease(head_id, entry, key, worker, 1, 0))
+                head_id += 1
+            s.head_id, s.extra = head_id, extra
+            return out
 
-    def _held(self, lease: Lease) -> _Task | None:
-        task = self._s.leased.get(lease.task_id)
+    def _unlease(self, lease: Lease) -> _Task | None:
+        """Take a still-held lease's task out of ``leased``; ``None`` when the lease is fenced."""
+        leased = self._s.leased
+        task = leased.get(lease.task_id)
         if task is None or task.worker != lease.worker or task.attempt != lease.attempt:
             return None
+        del leased[lease.task_id]
+        task.worker = None
         return task
 
-    def _forget(self, tid: int, task: _Task) -> None:
-        s = self._s
-        del s.tasks[tid]
-        if task.key is not None:
-            n = s.pending[task.key] - 1
+    def _forget(self, task: _Task) -> None:
+        """Drop the pending count of a task that leaves the queue."""
+        key = task.key
+        if key is not None:
+            pending = self._s.pending
+            n = pending[key] - 1
             if n > 0:
-                s.pending[task.key] = n
+                pending[key] = n
             else:
-                del s.pending[task.key]
+                del pending[key]
 
     async def commit(self, commits: Sequence[Commit]) -> int:
         s = self._s
-        applied = 0
-        for c in commits:
-            task = self._held(c.lease)
-            if task is None:
-                continue
-            del s.leased[c.lease.task_id]
-            self._forget(c.lease.task_id, task)
-            s.done.difference_update(c.undone)
-            s.done.update(c.done)
-            if c.children:
-                self._insert(c.children, check_done=True)
-            applied += 1
-        return applied
+        with s.lock:
+            applied = 0
+            for c in commits:
+                task = self._unlease(c.lease)
+                if task is None:
+                    continue
+                self._forget(task)
+                if c.undone:
+                    s.done.difference_update(c.undone)
+                if c.done:
+                    s.done.update(c.done)
+                if c.children:
+                    self._insert(c.children, check_done=True)
+                applied += 1
+            return applied
 
-    def _unlease(self, leases: Sequence[Lease]) -> list[int]:
-        held = []
-        for lease in leases:
-            task = self._held(lease)
-            if task is not None:
-                del self._s.leased[lease.task_id]
-                task.worker = None
-                held.append(lease.task_id)
-        return held
-
-    async def release(self, leases: Sequence[Lease]) -> int:
-        held = self._unlease(leases)
-        self._s.ready.extendleft(reversed(held))
+    def _release(self, leases: Sequence[Lease]) -> int:
+        held = [task for task in map(self._unlease, leases) if task is not None]
         if held:
+            self._s.ready.extendleft(reversed(held))
             self._s.wake()
         return len(held)
 
+    async def release(self, leases: Sequence[Lease]) -> int:
+        with self._s.lock:
+            return self._release(leases)
+
     async def retry(self, items: Sequence[tuple[Lease, float]]) -> int:
         s = self._s
-        now = time.monotonic()
-        n = 0
-        for lease, delay in items:
-            if not self._unlease([lease]):
-                continue
-            s.tasks[lease.task_id].failures += 1
-            heapq.heappush(s.delayed, (now + max(delay, 0.0), lease.task_id))
-            n += 1
-        return n
+        with s.lock:
+            now = time.monotonic()
+            n = 0
+            for lease, delay in items:
+                task = self._unlease(lease)
+                if task is None:
+                    continue
+                task.failures += 1
+                heapq.heappush(s.delayed, (now + max(delay, 0.0), task.tid, task))
+                n += 1
+            return n
 
     async def bury(self, items: Sequence[tuple[Lease, str]]) -> int:
         s = self._s
-        n = 0
-        for lease, error in items:
-            if not self._unlease([lease]):
-                continue
-            task = s.tasks[lease.task_id]
-            task.failures += 1
-            self._forget(lease.task_id, task)
-            s.dead[lease.task_id] = (task, error[:2048])
-            n += 1
-        return n
+        with s.lock:
+            n = 0
+            for lease, error in items:
+                task = self._unlease(lease)
+                if task is None:
+                    continue
+                task.failures += 1
+                self._forget(task)
+                s.dead[task.tid] = (task, error[:2048])
+                n += 1
+            return n
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        return [
-            DeadLetter(tid, task.payload, task.key, error, task.failures)
-            for tid, (task, error) in itertools.islice(self._s.dead.items(), max(limit, 0))
-        ]
+        with self._s.lock:
+            return [
+                DeadLetter(tid, task.payload, task.key, error, task.failures)
+                for tid, (task, error) in itertools.islice(self._s.dead.items(), max(limit, 0))
+            ]
 
     async def requeue_dead(self, limit: int | None = None) -> int:
         s = self._s
-        chosen = list(itertools.islice(s.dead, limit))
-        tasks = []
-        for tid in chosen:
-            task, _ = s.dead.pop(tid)
-            tasks.append(NewTask(task.payload, task.key))
-        return self._insert(tasks, check_done=False)
+        with s.lock:
+            chosen = list(itertools.islice(s.dead, limit))
+            tasks = []
+            for tid in chosen:
+                task, _ = s.dead.pop(tid)
+                tasks.append(NewTask(task.payload, task.key))
+            return self._insert(tasks, check_done=False)
 
     async def stats(self) -> QueueStats:
         s = self._s
-        delayed = sum(1 for _, tid in s.delayed if tid in s.tasks and tid not in s.leased)
-        return QueueStats(
-            ready=len(s.tasks) - len(s.leased) - delayed, delayed=delayed, leased=len(s.leased), dead=len(s.dead)
-        )
+        with s.lock:
+            return QueueStats(
+                ready=len(s.ready) - s.extra, delayed=len(s.delayed), leased=len(s.leased), dead=len(s.dead)
+            )
 
     async def clear(self, what: Literal["queue", "dead"] = "queue") -> None:
         s = self._s
-        if what == "dead":
-            s.dead.clear()
-            return
-        s.tasks.clear()
-        s.ready.clear()
-        s.delayed.clear()
-        s.leased.clear()
-        s.pending.clear()
+        with s.lock:
+            if what == "dead":
+                s.dead.clear()
+                return
+            s.ready.clear()
+            s.head_id = s.tail_id = s.next_id
+            s.extra = 0
+            s.delayed.clear()
+            s.leased.clear()
+            s.pending.clear()
 
     # -- registry ----------------------------------------------------------
 
@@ -304,7 +388,8 @@ class MemoryQueue:
 
     async def unregister(self, worker: str) -> None:
         self._s.workers.pop(worker, None)
-        await self._release_worker({worker})
+        with self._s.lock:
+            self._release(self._leases_of({worker}))
 
     def _leases_of(self, workers: set[str]) -> list[Lease]:
         found = [
@@ -314,11 +399,9 @@ class MemoryQueue:
         ]
         return sorted(found, key=lambda lease: lease.task_id)
 
-    async def _release_worker(self, workers: set[str]) -> int:
-        return await self.release(self._leases_of(workers))
-
     async def leases(self, worker: str) -> list[Lease]:
-        return self._leases_of({worker})
+        with self._s.lock:
+            return self._leases_of({worker})
 
     async def workers(self) -> list[WorkerInfo]:
         now = time.monotonic()
@@ -340,8 +423,9 @@ class MemoryQueue:
         now = time.monotonic()
         for wid in [wid for wid, w in s.workers.items() if now - w.last_seen > w.ttl]:
             del s.workers[wid]
-        orphans = {t.worker for t in s.leased.values() if t.worker not in s.workers}
-        return await self._release_worker(orphans) if orphans else 0  # type: ignore[arg-type]
+        with s.lock:
+            orphans = {t.worker for t in s.leased.values() if t.worker not in s.workers}
+            return self._release(self._leases_of(orphans)) if orphans else 0  # type: ignore[arg-type]
 
     # -- notifier ----------------------------------------------------------
 
