@@ -24,17 +24,44 @@ RSS, ``VmHWM`` from ``/proc/self/status``, are its own), at the same concurrency
   ``add_task(..., task_name=url, repeat=False)`` for each and ``task_done(url)``;
   seeded with ``/p/0.html``; ``serve(idle_exit=0)``. Redis uses ``--redis-url``
   (default ``$REDIS_URL`` or redis://127.0.0.1:6379/0); its data is cleared after.
+* peers, one row each when its package is importable (``pip install -e ".[bench]"``;
+  the script names the ones it skipped): crawlers from other projects doing the same
+  crawl at the same concurrency with their own defaults otherwise, their own dedup and
+  the same regex on the body text:
 
-Every crawler must fetch each of the N pages exactly once, or the script fails.
-Wall time and CPU seconds of a row are from the start of the crawl (after imports) to its
-end, including opening and closing the backend and the HTTP session; peak RSS is the
-whole process's.
+  - ``scrapy``: a ``scrapy.Spider`` run by ``CrawlerProcess`` on the asyncio reactor,
+    ``CONCURRENT_REQUESTS`` and ``CONCURRENT_REQUESTS_PER_DOMAIN`` 64, telnet console and
+    remote control off, ``LOG_LEVEL`` WARNING (robots.txt, AutoThrottle and retries as by
+    default: off, off, 2); its default in-memory scheduler and ``RFPDupeFilter`` dedup;
+    ``parse`` yields ``response.follow(link)`` for each link.
+  - ``scrapy-redis``: the same spider with scrapy-redis's ``Scheduler`` and
+    ``RFPDupeFilter`` on ``--redis-url``, keys under a unique prefix, deleted after.
+    Seeded by the spider's ``start`` (not ``RedisSpider``'s blocking pop): with
+    ``SCHEDULER_IDLE_BEFORE_CLOSE`` 0 the scheduler pops without blocking, so Scrapy
+    closes the spider once the Redis queue is empty and nothing is in flight.
+  - ``crawlee``: crawlee's ``HttpCrawler`` (no browser, no HTML parser; its default
+    HTTP client, impit), ``ConcurrencySettings`` min = desired = max = 64, its request
+    queue deduplicating on ``unique_key`` (the normalised URL); the handler does
+    ``await context.add_requests(urls)``. Two rows: ``MemoryStorageClient`` and
+    ``crawlee-fs``, its default ``FileSystemStorageClient``, in the run's temp dir.
+
+  A peer that misses a page, fetches one twice or fails a request does not stop the
+  run: its row gets a numbered note under the table saying so.
+
+Every crawler of ours (and the baseline) must fetch each of the N pages exactly once, or
+the script fails. Wall time and CPU seconds of a row are from the start of the crawl
+(after imports) to its end, including opening and closing the backend and the HTTP
+session; peak RSS is the whole process's. A peer's child process does not import
+achihuo_mini (nor aiohttp, unless the peer does: Scrapy's remote-control extension does).
+Children run in the temp dir, so nothing lands in the cwd.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
+import importlib.util
 import json
 import os
 import random
@@ -46,10 +73,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
-from _common import DEFAULT_REDIS_URL, machine, table, unique_name, write_config
+# _common (and so achihuo_mini) is imported where it is used: a peer's child must not carry it.
 
 HERE = Path(__file__).resolve()
 LINK = re.compile(r'<a href="(/p/\d+\.html)">')
@@ -267,6 +296,8 @@ async def bare_aiohttp(base: str, n: int, concurrency: int) -> int:
 
 async def achihuo(base: str, n: int, concurrency: int, backend: str, redis_url: str, tmp: Path) -> int:
     """Our crawler on ``backend``: repeat=False dedup, task_done, serve(idle_exit=0)."""
+    from _common import unique_name, write_config
+
     from achihuo_mini import AsyncLoop, Item
 
     name = unique_name("crawl")
@@ -311,6 +342,155 @@ async def achihuo(base: str, n: int, concurrency: int, backend: str, redis_url: 
     return spider.count
 
 
+# -- peers: other projects' crawlers (each in its own child process, like ours) -----------
+
+# kind -> (modules it needs, the pip distribution that brings them)
+PEERS: dict[str, tuple[tuple[str, ...], str]] = {
+    "scrapy": (("scrapy",), "scrapy"),
+    "scrapy-redis": (("scrapy", "scrapy_redis"), "scrapy-redis"),
+    "crawlee": (("crawlee",), "crawlee"),
+    "crawlee-fs": (("crawlee",), "crawlee"),
+}
+
+
+def peer_installed(kind: str) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in PEERS[kind][0])
+
+
+def peer_label(kind: str, detail: str) -> str:
+    def v(dist: str) -> str:
+        return importlib.metadata.version(dist)
+
+    if kind == "scrapy":
+        return f"Scrapy {v('scrapy')} ({detail}, memory scheduler)"
+    if kind == "scrapy-redis":
+        return f"scrapy-redis {v('scrapy-redis')} (Scrapy {v('scrapy')}, {detail}, Redis scheduler)"
+    storage = "memory storage" if kind == "crawlee" else "file-system storage, its default"
+    return f"crawlee {v('crawlee')} HttpCrawler ({storage})"
+
+
+def scrapy_crawl(base: str, concurrency: int, redis_url: str | None) -> dict[str, Any]:
+    """Scrapy with its own scheduler and dupefilter, or scrapy-redis's on ``redis_url``."""
+    import scrapy
+    from scrapy.crawler import CrawlerProcess
+    from scrapy.exceptions import ScrapyDeprecationWarning
+
+    # scrapy-redis 0.9 still passes spider= to the stats collector; the warnings are noise here
+    warnings.filterwarnings("ignore", category=ScrapyDeprecationWarning, module="scrapy_redis")
+    spider_name = f"crawl-{uuid.uuid4().hex[:8]}"
+    counts: dict[str, int] = {}
+
+    class Spider(scrapy.Spider):
+        name = spider_name
+
+        async def start(self) -> Any:
+            yield scrapy.Request(base + "/p/0.html")
+
+        def parse(self, response: Any) -> Any:
+            counts[response.url] = counts.get(response.url, 0) + 1
+            for link in LINK.findall(response.text):
+                yield response.follow(link)
+
+    settings: dict[str, Any] = {
+        "TWISTED_REACTOR": "twisted.internet.asyncioreactor.AsyncioSelectorReactor",
+        "CONCURRENT_REQUESTS": concurrency,
+        "CONCURRENT_REQUESTS_PER_DOMAIN": concurrency,
+        "ROBOTSTXT_OBEY": False,
+        "AUTOTHROTTLE_ENABLED": False,
+        "TELNETCONSOLE_ENABLED": False,
+        # its HTTP code-execution console (recent Scrapy, on by default): an aiohttp server plus a
+        # job file under ~/.local/state; off like the telnet console (Scrapy still imports aiohttp)
+        "REMOTE_CONTROL_ENABLED": False,
+        "LOG_LEVEL": "WARNING",
+    }
+    if redis_url is not None:
+        settings |= {
+            "SCHEDULER": "scrapy_redis.scheduler.Scheduler",
+            "DUPEFILTER_CLASS": "scrapy_redis.dupefilter.RFPDupeFilter",
+            "REDIS_URL": redis_url,
+            "SCHEDULER_QUEUE_KEY": f"{spider_name}:requests",
+            "SCHEDULER_DUPEFILTER_KEY": f"{spider_name}:dupefilter",
+            "SCHEDULER_PERSIST": False,  # the scheduler deletes both keys when the spider closes
+        }
+    process = CrawlerProcess(settings)
+    crawler = process.create_crawler(Spider)
+    process.crawl(crawler)
+    try:
+        process.start()  # returns when the spider closes: nothing scheduled, nothing in flight
+    finally:
+        if redis_url is not None:
+            import redis
+
+            client = redis.Redis.from_url(redis_url)
+            try:
+                keys = list(client.scan_iter(match=f"{spider_name}:*"))
+                if keys:
+                    client.delete(*keys)
+            finally:
+                client.close()
+    from twisted.internet import reactor
+
+    stats = crawler.stats.get_stats()
+    name = type(reactor).__name__
+    detail = "asyncio reactor" if name == "AsyncioSelectorReactor" else f"{name} reactor"
+    return {
+        "pages": len(counts),
+        "fetches": int(stats.get("downloader/request_count", 0)),  # retries included
+        "handled": sum(counts.values()),
+        "failed": int(stats.get("log_count/ERROR", 0)),
+        "detail": detail,
+    }
+
+
+async def crawlee_crawl(base: str, concurrency: int, storage_dir: Path, memory: bool) -> dict[str, Any]:
+    """crawlee's HttpCrawler (no browser), its request queue doing the dedup."""
+    from crawlee import ConcurrencySettings, service_locator
+    from crawlee.configuration import Configuration
+    from crawlee.crawlers import HttpCrawler, HttpCrawlingContext
+    from crawlee.storage_clients import FileSystemStorageClient, MemoryStorageClient
+
+    # set before the crawler exists, so nothing falls back to ./storage or warns about implicit config
+    service_locator.set_configuration(Configuration(storage_dir=str(storage_dir), purge_on_start=True))
+    service_locator.set_storage_client(MemoryStorageClient() if memory else FileSystemStorageClient())
+    crawler = HttpCrawler(
+        concurrency_settings=ConcurrencySettings(
+            min_concurrency=concurrency, desired_concurrency=concurrency, max_concurrency=concurrency
+        ),
+        configure_logging=False,  # its loggers propagate to the root: warnings and errors only
+    )
+    counts: dict[str, int] = {}
+
+    @crawler.router.default_handler
+    async def get_page(context: HttpCrawlingContext) -> None:
+        url = context.request.url
+        counts[url] = counts.get(url, 0) + 1
+        text = (await context.http_response.read()).decode()
+        await context.add_requests([base + link for link in LINK.findall(text)])
+
+    stats = await crawler.run([base + "/p/0.html"])
+    return {
+        "pages": len(counts),
+        "fetches": sum((retries + 1) * k for retries, k in enumerate(stats.retry_histogram)),
+        "handled": sum(counts.values()),
+        "failed": stats.requests_failed,
+        "detail": "",
+    }
+
+
+def peer_note(r: dict[str, Any], n: int) -> str:
+    """What a peer did differently from 'each of the N pages fetched and handled exactly once'."""
+    problems = []
+    if r["pages"] != n:
+        problems.append(f"{r['pages']:,} distinct pages of {n:,}")
+    if r["fetches"] != r["pages"]:
+        problems.append(f"{r['fetches']:,} fetches")
+    if r["handled"] != r["pages"]:
+        problems.append(f"{r['handled']:,} handler calls")
+    if r["failed"]:
+        problems.append(f"{r['failed']:,} failed requests")
+    return ", ".join(problems)
+
+
 def peak_rss_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -319,23 +499,34 @@ def peak_rss_mib() -> float:
 
 
 def child(args: argparse.Namespace) -> None:
-    import aiohttp  # noqa: F401  (imports are not part of the crawl's time)
-
-    import achihuo_mini.http  # noqa: F401
-
     kind, base, n, c = args.child, args.url, args.pages, args.concurrency
+    # imports are not part of the crawl's time (a peer's are its own only: no achihuo_mini)
+    if kind in ("scrapy", "scrapy-redis"):
+        import scrapy.crawler  # noqa: F401
+    elif kind in ("crawlee", "crawlee-fs"):
+        import crawlee.crawlers  # noqa: F401
+    else:
+        import aiohttp  # noqa: F401
+
+        import achihuo_mini.http  # noqa: F401
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
-    if kind == "server":
-        pages = asyncio.run(server_alone(base, n, c))
+    result: dict[str, Any]
+    if kind in ("scrapy", "scrapy-redis"):
+        result = scrapy_crawl(base, c, args.redis_url if kind == "scrapy-redis" else None)
+    elif kind in ("crawlee", "crawlee-fs"):
+        storage = Path(args.tmp) / f"crawlee-{uuid.uuid4().hex[:8]}"
+        result = asyncio.run(crawlee_crawl(base, c, storage, memory=kind == "crawlee"))
+    elif kind == "server":
+        result = {"pages": asyncio.run(server_alone(base, n, c))}
     elif kind == "bare":
-        pages = asyncio.run(bare_aiohttp(base, n, c))
+        result = {"pages": asyncio.run(bare_aiohttp(base, n, c))}
     else:
-        pages = asyncio.run(achihuo(base, n, c, kind, args.redis_url, Path(args.tmp)))
+        result = {"pages": asyncio.run(achihuo(base, n, c, kind, args.redis_url, Path(args.tmp)))}
     wall = time.perf_counter() - started
     r = resource.getrusage(resource.RUSAGE_SELF)
     cpu = r.ru_utime + r.ru_stime - r0.ru_utime - r0.ru_stime
-    print(json.dumps({"pages": pages, "wall": wall, "cpu": cpu, "rss": peak_rss_mib()}))
+    print(json.dumps(result | {"wall": wall, "cpu": cpu, "rss": peak_rss_mib()}))
 
 
 # -- the parent ---------------------------------------------------------------------
@@ -345,29 +536,34 @@ def measure(kind: str, base: str, args: argparse.Namespace, tmp: Path, server: N
     cmd = [sys.executable, str(HERE), "--child", kind, "--url", base, "-n", str(args.pages)]
     cmd += ["-c", str(args.concurrency), "--redis-url", args.redis_url, "--tmp", str(tmp)]
     cpu0 = server.cpu()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
     server_cpu = server.cpu() - cpu0
     if proc.returncode != 0 or not proc.stdout.strip():
         log = tmp / "nginx-error.log"
         errors = log.read_text()[-2000:] if log.exists() else ""
         raise SystemExit(f"{kind}: exited with {proc.returncode}:\n{proc.stderr}\nnginx error log (tail):\n{errors}")
     r: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    if r["pages"] != args.pages:
+    if kind in PEERS:
+        r["note"] = peer_note(r, args.pages)  # reported under the table, not fatal: it is not our crawler
+    elif r["pages"] != args.pages:
         raise SystemExit(f"{kind}: fetched {r['pages']} pages of {args.pages}")
     r["server_cpu"] = server_cpu
     return r
 
 
 def main() -> None:
-    from achihuo_mini.plugins import registry
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", "--pages", type=int, default=20_000)
     parser.add_argument("-c", "--concurrency", type=int, default=64)
+    parser.add_argument("--backends", nargs="+", help="default: memory sqlite redis (those registered)")
     parser.add_argument(
-        "--backends", nargs="+", default=[b for b in ("memory", "sqlite", "redis") if b in registry.names()]
+        "--peers",
+        nargs="*",
+        choices=list(PEERS),
+        default=list(PEERS),
+        help="peer crawlers to run when installed (default: all; none with a bare --peers)",
     )
-    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    parser.add_argument("--redis-url", help="default: $REDIS_URL or redis://127.0.0.1:6379/0")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
@@ -375,6 +571,15 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    from _common import DEFAULT_REDIS_URL, machine, table
+
+    from achihuo_mini.plugins import registry
+
+    if args.backends is None:
+        args.backends = [b for b in ("memory", "sqlite", "redis") if b in registry.names()]
+    args.redis_url = args.redis_url or DEFAULT_REDIS_URL
+    peers = [p for p in args.peers if peer_installed(p)]
+    missing = sorted({PEERS[p][1] for p in args.peers if p not in peers})
     n, c = args.pages, args.concurrency
     with tempfile.TemporaryDirectory(prefix="achihuo-crawl-") as tmpdir:
         tmp = Path(tmpdir)
@@ -388,12 +593,19 @@ def main() -> None:
             runs.append(("bare aiohttp + Queue + set", measure("bare", base, args, tmp, server)))
             for backend in args.backends:
                 runs.append((f"achihuo_mini {backend}", measure(backend, base, args, tmp, server)))
+            for peer in peers:
+                r = measure(peer, base, args, tmp, server)
+                runs.append((peer_label(peer, r.get("detail", "")), r))
         finally:
             server.stop()
     bare = n / runs[1][1]["wall"]
     rows = [["crawler", "pages", "pages/s", "CPU s", "peak RSS MiB", "nginx CPU %", "vs bare aiohttp"]]
+    notes: list[str] = []
     for label, r in runs:
-        rate = n / r["wall"]
+        rate = r["pages"] / r["wall"]
+        if r.get("note"):
+            notes.append(f"[{len(notes) + 1}] {label}: {r['note']}")
+            label += f" [{len(notes)}]"
         rows.append(
             [
                 label,
@@ -414,6 +626,15 @@ def main() -> None:
         "nginx CPU %: the nginx worker's CPU time during the row / the row's wall time "
         "(well under 100 %: the server is not the bottleneck)"
     )
+    if peers:
+        print(
+            "peers: other crawlers, same site, concurrency and regex, with their own dedup; "
+            "every row fetched each page exactly once unless a note below says otherwise"
+        )
+    for note in notes:
+        print(note)
+    if missing:
+        print(f'peers not installed, so not run: {", ".join(missing)} (install them with `pip install -e ".[bench]"`)')
 
 
 if __name__ == "__main__":

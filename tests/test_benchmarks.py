@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,26 @@ def test_memory_benchmark_runs(redis_url: str) -> None:
     assert "memory backend" in out and "| sqlite" in out and "| redis" in out
 
 
+# the peer crawlers of crawl.py (the `bench` extra): pip distribution -> modules it needs, its rows' labels
+PEERS = {
+    "scrapy": (("scrapy",), ["| Scrapy "]),
+    "scrapy-redis": (("scrapy", "scrapy_redis"), ["| scrapy-redis "]),
+    "crawlee": (("crawlee",), ["HttpCrawler (memory storage)", "HttpCrawler (file-system storage"]),
+}
+
+
 def test_crawl_benchmark_runs(redis_url: str) -> None:
     out = run("crawl.py", "-n", "300", "--redis-url", redis_url)
     for row in ("bare aiohttp", "achihuo_mini memory", "achihuo_mini sqlite", "achihuo_mini redis"):
         assert row in out
+    # .ci/run installs the bench extra, so CI runs the peers; without it, the script must say what to install
+    missing = [dist for dist, (mods, _) in PEERS.items() if not all(importlib.util.find_spec(m) for m in mods)]
+    for dist, (_, rows) in PEERS.items():
+        for row in rows:
+            assert (row in out) == (dist not in missing), (row, out)
+    if missing:
+        line = next(line for line in out.splitlines() if line.startswith("peers not installed"))
+        assert all(dist in line for dist in missing) and 'pip install -e ".[bench]"' in line, line
+    else:
+        assert "peers not installed" not in out
+    assert "[1]" not in out, out  # at this size every peer fetches each page exactly once: no notes
