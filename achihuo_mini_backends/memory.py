@@ -311,7 +311,8 @@ class MemoryQueue:
                 if task is None:
                     continue
                 task.failures += 1
-                heapq.heappush(s.delayed, (now + max(delay, 0.0), task.tid, task))
+                due = now + delay if delay > 0 else now  # a negative or NaN delay counts as 0, as elsewhere
+                heapq.heappush(s.delayed, (due, task.tid, task))
                 n += 1
             return n
 
@@ -338,6 +339,8 @@ class MemoryQueue:
 
     async def requeue_dead(self, limit: int | None = None) -> int:
         s = self._s
+        if limit is not None and limit <= 0:  # islice() refuses a negative limit
+            return 0
         with s.lock:
             chosen = list(itertools.islice(s.dead, limit))
             tasks = []
