@@ -57,12 +57,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -216,12 +218,34 @@ SQL_ORPHANS = (
     "SELECT id, worker, attempt FROM tasks WHERE ns = ? AND worker IS NOT NULL "
     "AND worker NOT IN (SELECT worker FROM workers WHERE ns = ?) ORDER BY id"
 )
-SQL_PENDING_GET = "SELECT 1 FROM pending WHERE ns = ? AND key = ?"
-SQL_PENDING_INC = "INSERT INTO pending (ns, key, n) VALUES (?, ?, 1) ON CONFLICT (ns, key) DO UPDATE SET n = n + 1"
-SQL_PENDING_DEC = "UPDATE pending SET n = n - 1 WHERE ns = ? AND key = ?"
-SQL_PENDING_DROP = "DELETE FROM pending WHERE ns = ? AND key = ? AND n <= 0"
-SQL_DONE_GET = "SELECT 1 FROM done WHERE ns = ? AND key = ?"
-SQL_INSERT = "INSERT INTO tasks (ns, payload, key, pos, due) VALUES (?, ?, ?, ?, ?)"
+
+# Set-based statements of the hot path (commit, push, reserve): one statement per chunk of
+# up to CHUNK rows instead of one per task. Each ``{}`` becomes a list of rows; the row
+# count is padded to a power of two (repeating a row where that changes nothing, or with
+# all-NULL rows that ``WHERE column1 IS NOT NULL`` filters out), so a handful of texts per
+# statement covers every batch size and they stay in the connection's statement cache.
+CHUNK = 128
+"""Rows per set-based statement: at most 5 values a row stays under the 999 variables of SQLite < 3.32."""
+
+BATCH_HELD = (
+    "SELECT group_concat(v.column1) FROM (VALUES {}) AS v JOIN tasks ON tasks.id = v.column2 "
+    "WHERE tasks.ns = ? AND tasks.worker = v.column3 AND tasks.attempt = v.column4"
+)
+BATCH_ACK = "DELETE FROM tasks WHERE id IN ({})"
+BATCH_LEASE = "UPDATE tasks SET pos = NULL, worker = ?, attempt = attempt + 1 WHERE id IN ({})"
+BATCH_PENDING_DROP = "DELETE FROM pending WHERE ns = ? AND n <= ? AND key IN ({})"
+BATCH_PENDING_DEC = "UPDATE pending SET n = n - ? WHERE ns = ? AND key IN ({})"
+BATCH_PENDING_ADD = (
+    "INSERT INTO pending (ns, key, n) SELECT * FROM (VALUES {}) WHERE column1 IS NOT NULL "
+    "ON CONFLICT (ns, key) DO UPDATE SET n = n + excluded.n"
+)
+BATCH_BLOCKED = (
+    "SELECT group_concat(hex(key)) FROM (SELECT key FROM pending WHERE ns = ? AND key IN ({0}) "
+    "UNION ALL SELECT key FROM done WHERE ns = ? AND key IN ({0}))"
+)
+BATCH_INSERT = "INSERT INTO tasks (ns, payload, key, pos, due) SELECT * FROM (VALUES {}) WHERE column1 IS NOT NULL"
+BATCH_DONE_ADD = "INSERT OR IGNORE INTO done (ns, key) VALUES {}"
+BATCH_DONE_REMOVE = "DELETE FROM done WHERE ns = ? AND key IN ({})"
 
 _FILE_LOCKS: dict[str, threading.Lock] = {}
 _FILE_LOCKS_GUARD = threading.Lock()
@@ -252,6 +276,38 @@ def _wake(where: tuple[str, str]) -> None:
     for loop, fut in waiters:
         if not loop.is_closed():
             loop.call_soon_threadsafe(_resolve, fut)
+
+
+def _bucket(n: int) -> int:
+    """``n`` (1..CHUNK) rounded up to a power of two."""
+    return 1 << (n - 1).bit_length()
+
+
+@functools.cache
+def _batch(template: str, rows: int, row: str = "?", sep: str = ", ") -> str:
+    """``template`` with ``rows`` copies of ``row`` (joined by ``sep``) in place of ``{}``."""
+    return template.format(sep.join([row] * rows))
+
+
+def _chunks(items: Sequence[_T]) -> Iterator[list[_T]]:
+    """``items`` in chunks of at most CHUNK, each padded to a power of two by repeating its last item.
+
+    Only for statements where a repeated row changes nothing (``IN`` lists, ``OR``
+    terms, ``INSERT OR IGNORE``).
+    """
+    for i in range(0, len(items), CHUNK):
+        chunk = list(items[i : i + CHUNK])
+        chunk.extend(itertools.repeat(chunk[-1], _bucket(len(chunk)) - len(chunk)))
+        yield chunk
+
+
+def _values(rows: Sequence[tuple[Any, ...]], width: int) -> Iterator[tuple[int, list[Any]]]:
+    """``(n, flat parameters)`` per chunk of ``rows``, padded with all-NULL rows to a power of two."""
+    for i in range(0, len(rows), CHUNK):
+        chunk = rows[i : i + CHUNK]
+        flat = [value for row in chunk for value in row]
+        flat.extend(itertools.repeat(None, (_bucket(len(chunk)) - len(chunk)) * width))
+        yield len(flat) // width, flat
 
 
 def _text(value: str) -> str:
@@ -498,17 +554,20 @@ class _SqliteStore:
 
     # -- helpers used inside transactions --------------------------------------
 
-    def _add_done(self, c: sqlite3.Connection, keys: Iterable[bytes], delta: _Delta) -> int:
+    def _add_done(self, c: sqlite3.Connection, keys: Sequence[bytes], delta: _Delta) -> int:
         ns = self._ns
-        cur = c.executemany("INSERT OR IGNORE INTO done (ns, key) VALUES (?, ?)", [(ns, k) for k in keys])
-        added = max(cur.rowcount, 0)
+        added = 0
+        for chunk in _chunks(list(dict.fromkeys(keys))):
+            params = [value for key in chunk for value in (ns, key)]
+            added += max(c.execute(_batch(BATCH_DONE_ADD, len(chunk), "(?, ?)"), params).rowcount, 0)
         delta.done += added
         return added
 
-    def _remove_done(self, c: sqlite3.Connection, keys: Iterable[bytes], delta: _Delta) -> int:
+    def _remove_done(self, c: sqlite3.Connection, keys: Sequence[bytes], delta: _Delta) -> int:
         ns = self._ns
-        cur = c.executemany("DELETE FROM done WHERE ns = ? AND key = ?", [(ns, k) for k in keys])
-        removed = max(cur.rowcount, 0)
+        removed = 0
+        for chunk in _chunks(list(dict.fromkeys(keys))):
+            removed += max(c.execute(_batch(BATCH_DONE_REMOVE, len(chunk)), (ns, *chunk)).rowcount, 0)
         delta.done -= removed
         return removed
 
@@ -526,50 +585,74 @@ class SqliteQueue(_SqliteStore):
 
     # -- transaction bodies (worker thread) ------------------------------------
 
-    def _insert(self, c: sqlite3.Connection, tasks: Sequence[NewTask], delta: _Delta) -> int:
-        """Insert ``tasks`` (unique ones checked against pending and done); return how many."""
+    def _insert(self, c: sqlite3.Connection, groups: Sequence[Sequence[NewTask]], delta: _Delta) -> int:
+        """Insert task groups as if pushed one group after the other; return how many.
+
+        A unique task is skipped when its key is pending or done, or was accepted
+        earlier in this call. The head tasks of a later group go before those of an
+        earlier one (each group in its own order), where separate pushes put them.
+        """
         ns = self._ns
-        accepted: list[tuple[NewTask, int]] = []  # (task, 0 tail | 1 head | 2 delayed)
+        blocked = self._blocked(c, [t.key for group in groups for t in group if t.unique and t.key is not None])
+        pending: dict[bytes, int] = {}  # keys accepted in this call: pending from here on
+        accepted: list[tuple[list[NewTask], int]] = []  # (tasks of a group, how many go to the head)
         heads = tails = 0
-        for t in tasks:
-            key = t.key
-            if key is not None:
-                if t.unique and (
-                    c.execute(SQL_PENDING_GET, (ns, key)).fetchone() is not None
-                    or c.execute(SQL_DONE_GET, (ns, key)).fetchone() is not None
-                ):
-                    continue
-                c.execute(SQL_PENDING_INC, (ns, key))
-            if t.delay > 0:
-                accepted.append((t, 2))
-            elif t.head:
-                accepted.append((t, 1))
-                heads += 1
-            else:
-                accepted.append((t, 0))
-                tails += 1
+        for group in groups:
+            kept: list[NewTask] = []
+            group_heads = 0
+            for t in group:
+                key = t.key
+                if key is not None:
+                    if t.unique and (key in blocked or key in pending):
+                        continue
+                    pending[key] = pending.get(key, 0) + 1
+                kept.append(t)
+                if t.delay > 0:
+                    pass
+                elif t.head:
+                    group_heads += 1
+                else:
+                    tails += 1
+            if kept:
+                accepted.append((kept, group_heads))
+                heads += group_heads
         if not accepted:
             return 0
-        head_pos = tail_pos = 0
-        if heads:
-            head_pos = self._min_pos(c) - heads
-        if tails:
-            tail_pos = self._max_pos(c) + 1
+        head_end = self._min_pos(c) if heads else 0
+        tail_pos = self._max_pos(c) + 1 if tails else 0
         now = time.time()
         rows: list[tuple[int, bytes, bytes | None, int | None, float | None]] = []
-        for t, kind in accepted:
-            if kind == 0:
-                rows.append((ns, t.payload, t.key, tail_pos, None))
-                tail_pos += 1
-            elif kind == 1:
-                rows.append((ns, t.payload, t.key, head_pos, None))
-                head_pos += 1
-            else:
-                rows.append((ns, t.payload, t.key, None, now + t.delay))
-        c.executemany(SQL_INSERT, rows)
+        for kept, group_heads in accepted:
+            head_end -= group_heads
+            head_pos = head_end
+            for t in kept:
+                if t.delay > 0:
+                    rows.append((ns, t.payload, t.key, None, now + t.delay))
+                elif t.head:
+                    rows.append((ns, t.payload, t.key, head_pos, None))
+                    head_pos += 1
+                else:
+                    rows.append((ns, t.payload, t.key, tail_pos, None))
+                    tail_pos += 1
+        for n, params in _values(rows, 5):
+            c.execute(_batch(BATCH_INSERT, n, "(?, ?, ?, ?, ?)"), params)
+        if pending:
+            for n, params in _values([(ns, key, count) for key, count in pending.items()], 3):
+                c.execute(_batch(BATCH_PENDING_ADD, n, "(?, ?, ?)"), params)
         delta.ready += heads + tails
         delta.delayed += len(rows) - heads - tails
         return len(rows)
+
+    def _blocked(self, c: sqlite3.Connection, keys: Sequence[bytes]) -> set[bytes]:
+        """Those of ``keys`` that are pending or done (one statement, one row per chunk)."""
+        ns = self._ns
+        found: set[bytes] = set()
+        if keys:
+            for chunk in _chunks(list(dict.fromkeys(keys))):
+                row = c.execute(_batch(BATCH_BLOCKED, len(chunk)), (ns, *chunk, ns, *chunk)).fetchone()
+                if row[0] is not None:
+                    found.update(map(bytes.fromhex, str(row[0]).split(",")))
+        return found
 
     def _min_pos(self, c: sqlite3.Connection) -> int:
         low = c.execute(SQL_MIN_POS, (self._ns,)).fetchone()[0]
@@ -582,15 +665,42 @@ class SqliteQueue(_SqliteStore):
         high = c.execute(SQL_MAX_POS, (self._ns,)).fetchone()[0]
         return 0 if high is None else int(high)
 
-    def _decrement_pending(self, c: sqlite3.Connection, key: bytes | None) -> None:
-        if key is not None:
-            c.execute(SQL_PENDING_DEC, (self._ns, key))
-            c.execute(SQL_PENDING_DROP, (self._ns, key))
+    def _decrement_pending(self, c: sqlite3.Connection, keys: Sequence[bytes | None]) -> None:
+        """Drop one pending count per occurrence in ``keys`` (None: unnamed, nothing to count)."""
+        ns = self._ns
+        by_times: dict[int, list[bytes]] = {}
+        for key, times in Counter(k for k in keys if k is not None).items():
+            by_times.setdefault(times, []).append(key)
+        for times, group in by_times.items():
+            for i, chunk in enumerate(_chunks(group)):
+                distinct = min(CHUNK, len(group) - i * CHUNK)
+                # Rows whose count drops to zero go at once (usually all of them: n is 1)...
+                dropped = c.execute(_batch(BATCH_PENDING_DROP, len(chunk)), (ns, times, *chunk)).rowcount
+                if dropped < distinct:  # ...the others count down
+                    c.execute(_batch(BATCH_PENDING_DEC, len(chunk)), (times, ns, *chunk))
 
     def _held(self, c: sqlite3.Connection, lease: Lease) -> tuple[bytes | None, bytes, int] | None:
         """``(key, payload, failures)`` when ``lease`` is still held, else None (fenced)."""
         row = c.execute(SQL_HELD, (lease.task_id, self._ns, _text(lease.worker), lease.attempt)).fetchone()
         return None if row is None else (row[0], row[1], int(row[2]))
+
+    def _held_mask(self, c: sqlite3.Connection, leases: Sequence[Lease]) -> list[bool]:
+        """For each lease: still held, and the first in ``leases`` with its fencing token.
+
+        One statement (and one row) per chunk. A repeated token is fenced: in sequential
+        application the first one acks the task.
+        """
+        first: dict[tuple[int, str, int], int] = {}  # token -> index of its first lease
+        for i, lease in enumerate(leases):
+            first.setdefault((lease.task_id, _text(lease.worker), lease.attempt), i)
+        mask = [False] * len(leases)
+        for chunk in _chunks([(i, *token) for token, i in first.items()]):
+            params = [*itertools.chain.from_iterable(chunk), self._ns]
+            row = c.execute(_batch(BATCH_HELD, len(chunk), "(?, ?, ?, ?)"), params).fetchone()
+            if row[0] is not None:
+                for index in str(row[0]).split(","):
+                    mask[int(index)] = True
+        return mask
 
     def _to_head(self, c: sqlite3.Connection, ids: Sequence[int], delta: _Delta) -> int:
         """Make leased tasks ``ids`` ready at the head, in this order."""
@@ -606,7 +716,7 @@ class SqliteQueue(_SqliteStore):
 
     def _t_push(self, c: sqlite3.Connection, tasks: Sequence[NewTask]) -> int:
         delta = _Delta()
-        n = self._insert(c, tasks, delta)
+        n = self._insert(c, [tasks], delta)
         delta.write(c, self._ns)
         return n
 
@@ -627,34 +737,45 @@ class SqliteQueue(_SqliteStore):
         ]
         if leases:
             stored = _text(worker)
-            c.executemany(
-                "UPDATE tasks SET pos = NULL, worker = ?, attempt = ? WHERE id = ?",
-                [(stored, lease.attempt, lease.task_id) for lease in leases],
-            )
+            for chunk in _chunks([lease.task_id for lease in leases]):
+                c.execute(_batch(BATCH_LEASE, len(chunk)), (stored, *chunk))
             delta.ready -= len(leases)
             delta.leased += len(leases)
         delta.write(c, ns)
         return leases
 
     def _t_commit(self, c: sqlite3.Connection, commits: Sequence[Commit]) -> int:
+        """Three phases (see ``QueueBackend.commit``), each a few set-based statements for the whole batch."""
+        mask = self._held_mask(c, [commit.lease for commit in commits])
+        applied = [commit for commit, held in zip(commits, mask, strict=True) if held]
+        if not applied:
+            return 0
         delta = _Delta()
-        applied = 0
-        for commit in commits:
-            held = self._held(c, commit.lease)
-            if held is None:
-                continue
-            c.execute("DELETE FROM tasks WHERE id = ?", (commit.lease.task_id,))
-            self._decrement_pending(c, held[0])
-            delta.leased -= 1
-            if commit.undone:
-                self._remove_done(c, commit.undone, delta)
-            if commit.done:
-                self._add_done(c, commit.done, delta)
-            if commit.children:
-                self._insert(c, commit.children, delta)
-            applied += 1
+        # 1. every ack (a lease carries its task's key: the pending counts need no read)
+        for chunk in _chunks([commit.lease.task_id for commit in applied]):
+            c.execute(_batch(BATCH_ACK, len(chunk)), chunk)
+        delta.leased -= len(applied)
+        self._decrement_pending(c, [commit.lease.key for commit in applied])
+        # 2. every done-set change in commit order: the last change of a key wins
+        changes: dict[bytes, bool] = {}
+        for commit in applied:
+            for key in commit.undone:
+                changes[key] = False
+            for key in commit.done:
+                changes[key] = True
+        if changes:
+            removed = [key for key, done in changes.items() if not done]
+            added = [key for key, done in changes.items() if done]
+            if removed:
+                self._remove_done(c, removed, delta)
+            if added:
+                self._add_done(c, added, delta)
+        # 3. every child in commit order
+        groups = [commit.children for commit in applied if commit.children]
+        if groups:
+            self._insert(c, groups, delta)
         delta.write(c, self._ns)
-        return applied
+        return len(applied)
 
     def _t_release(self, c: sqlite3.Connection, leases: Sequence[Lease]) -> int:
         held: list[int] = []
@@ -688,19 +809,21 @@ class SqliteQueue(_SqliteStore):
     def _t_bury(self, c: sqlite3.Connection, items: Sequence[tuple[Lease, str]]) -> int:
         delta = _Delta()
         n = 0
+        keys: list[bytes | None] = []
         for lease, error in items:
             held = self._held(c, lease)
             if held is None:
                 continue
             key, payload, failures = held
+            keys.append(key)
             text = _text(error[:ERROR_LIMIT])[:ERROR_LIMIT]
             c.execute(
                 "INSERT INTO dead (ns, task_id, payload, key, error, failures) VALUES (?, ?, ?, ?, ?, ?)",
                 (self._ns, lease.task_id, payload, key, text, failures + 1),
             )
             c.execute("DELETE FROM tasks WHERE id = ?", (lease.task_id,))
-            self._decrement_pending(c, key)
             n += 1
+        self._decrement_pending(c, keys)
         delta.leased -= n
         delta.dead += n
         delta.write(c, self._ns)
@@ -722,7 +845,7 @@ class SqliteQueue(_SqliteStore):
         c.executemany("DELETE FROM dead WHERE id = ?", [(row[0],) for row in rows])
         delta = _Delta()
         delta.dead -= len(rows)
-        n = self._insert(c, [NewTask(payload, key) for _, payload, key in rows], delta)
+        n = self._insert(c, [[NewTask(payload, key) for _, payload, key in rows]], delta)
         delta.write(c, self._ns)
         return n
 

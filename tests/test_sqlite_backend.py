@@ -6,15 +6,16 @@ import asyncio
 import json
 import os
 import random
+import re
 import sqlite3
 import stat
 import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -29,6 +30,7 @@ from achihuo_mini_backends.sqlite import SCHEMA_VERSION, SqliteDoneSet, SqliteQu
 
 WORKER_SCRIPT = Path(__file__).parent / "procs" / "queue_worker.py"
 K = name_key
+_T = TypeVar("_T")
 
 
 @pytest.fixture
@@ -294,7 +296,7 @@ def test_hot_queries_use_indexes(tmp_path: Path) -> None:
     asyncio.run(_create(path))
     with sqlite3.connect(path) as c:
         for name in dir(sqlite_backend):
-            if not name.startswith("SQL_") or name == "SQL_INSERT" or not name.isupper():
+            if not name.startswith("SQL_") or not name.isupper():
                 continue
             sql: str = getattr(sqlite_backend, name)
             if not sql.lstrip().upper().startswith("SELECT"):
@@ -302,6 +304,24 @@ def test_hot_queries_use_indexes(tmp_path: Path) -> None:
             plan = " | ".join(row[3] for row in c.execute("EXPLAIN QUERY PLAN " + sql, (1,) * sql.count("?")))
             assert "SCAN" not in plan, f"{name}: {plan}"
             assert "TEMP B-TREE" not in plan or name == "SQL_ORPHANS", f"{name}: {plan}"
+    c.close()
+
+
+def test_batch_statements_use_indexes(tmp_path: Path) -> None:
+    """The set-based statements look rows up by key (they scan only their own VALUES rows)."""
+    path = tmp_path / "plan.sqlite3"
+    asyncio.run(_create(path))
+    rows = {"BATCH_HELD": "(?, ?, ?, ?)", "BATCH_INSERT": "(?, ?, ?, ?, ?)", "BATCH_PENDING_ADD": "(?, ?, ?)"}
+    rows["BATCH_DONE_ADD"] = "(?, ?)"
+    names = [name for name in dir(sqlite_backend) if name.startswith("BATCH_")]
+    assert len(names) == 10
+    with sqlite3.connect(path) as c:
+        for name in names:
+            sql = sqlite_backend._batch(getattr(sqlite_backend, name), 4, rows.get(name, "?"))
+            plan = [r[3] for r in c.execute("EXPLAIN QUERY PLAN " + sql, (1,) * sql.count("?"))]
+            scans = [step for step in plan if re.match(r"SCAN (tasks|pending|done|dead|namespaces)\b", step)]
+            assert not scans, f"{name}: {plan}"
+            assert "TEMP B-TREE" not in " | ".join(plan), f"{name}: {plan}"
     c.close()
 
 
@@ -387,6 +407,195 @@ async def test_random_operations_match_memory_backend(db: Path, opened: list[Any
         _check_consistent(db, namespace)
     finally:
         drop_namespace(namespace)
+
+
+# -- set-based commit, push and reserve -------------------------------------------------
+
+
+async def _statements(q: SqliteQueue, call: Awaitable[_T]) -> tuple[_T, list[str]]:
+    """``await call`` (a call of ``q`` not started yet) and the SQL statements it ran, BEGIN/COMMIT aside."""
+    seen: list[str] = []
+    await q._call(lambda c: c.set_trace_callback(seen.append), mode="none")
+    try:
+        result = await call
+    finally:
+        await q._call(lambda c: c.set_trace_callback(None), mode="none")
+    return result, [s for s in seen if s not in ("BEGIN IMMEDIATE", "COMMIT")]
+
+
+async def _payloads(q: SqliteQueue) -> list[bytes]:
+    """Reserve everything ready, in order; the payloads."""
+    return [lease.payload for lease in await q.reserve("drain", 1_000_000)]
+
+
+async def test_commit_batch_mixes_held_and_fenced_leases(db: Path, opened: list[Any]) -> None:
+    q, d = await _queue(opened, "mixed", db), await _done(opened, "mixed", db)
+    await d.add([K("pre-done")])
+    assert await q.push([NewTask(f"t{i}".encode(), K(f"t{i}"), unique=True) for i in range(7)]) == 7
+    leases = await q.reserve("w1", 7)
+    assert await q.commit([Commit(leases[5])]) == 1  # acked: a repeat of its commit is fenced
+    stale_attempt = Lease(leases[1].task_id, b"", leases[1].key, "w1", leases[1].attempt + 1, 0)
+    other_worker = Lease(leases[3].task_id, b"", leases[3].key, "w2", leases[3].attempt, 0)
+    fenced = [stale_attempt, other_worker, leases[5]]
+    held = [leases[0], leases[2], leases[4], leases[6]]
+    batch = [
+        Commit(lease, done=[K(f"fenced-done-{i}")], undone=[K("pre-done")], children=[NewTask(b"fenced", K(f"f{i}"))])
+        for i, lease in enumerate(fenced)
+    ] + [
+        Commit(lease, done=[K(f"done-{i}")], children=[NewTask(f"child-{i}".encode(), K(f"c{i}"), unique=True)])
+        for i, lease in enumerate(held)
+    ]
+    batch = batch[::2] + batch[1::2]  # interleave fenced and held commits
+    assert await q.commit(batch) == 4
+    assert await q.stats() == QueueStats(ready=4, delayed=0, leased=2, dead=0)
+    assert await d.count() == 1 + 4
+    assert await d.contains([K("pre-done"), K("fenced-done-0"), K("fenced-done-1"), K("done-0"), K("done-3")]) == [
+        True,
+        False,
+        False,
+        True,
+        True,
+    ]
+    _check_consistent(db, "mixed")
+    assert sorted(await _payloads(q)) == [b"child-0", b"child-1", b"child-2", b"child-3"]
+    assert await q.commit([Commit(leases[1]), Commit(leases[3])]) == 2, "the real holders still hold them"
+    assert await q.push([NewTask(b"again", K(f"t{i}"), unique=True) for i in (0, 1, 3, 5)]) == 4
+    _check_consistent(db, "mixed")
+
+
+async def test_commit_same_task_twice_in_one_batch(db: Path, opened: list[Any]) -> None:
+    q, d = await _queue(opened, "twice", db), await _done(opened, "twice", db)
+    await q.push([NewTask(b"t", K("t"))])
+    (lease,) = await q.reserve("w1", 1)
+    forged = Lease(lease.task_id, lease.payload, lease.key, "w2", lease.attempt, lease.failures)
+    batch = [Commit(forged, done=[K("x")]), Commit(lease, done=[K("y")]), Commit(lease, done=[K("z")])]
+    assert await q.commit(batch) == 1, "the forged token is fenced, the repeat of the held one too"
+    assert await d.contains([K("x"), K("y"), K("z")]) == [False, True, False]
+    assert await q.stats() == QueueStats(0, 0, 0, 0)
+    _check_consistent(db, "twice")
+
+
+async def test_commit_batch_phases(db: Path, opened: list[Any]) -> None:
+    """Acks, then done changes (last one wins), then children: unique ones see the first two phases."""
+    q, d = await _queue(opened, "phases", db), await _done(opened, "phases", db)
+    await d.add([K("was-done")])
+    await q.push([NewTask(f"t{i}".encode(), K(f"t{i}"), unique=True) for i in range(5)])
+    await q.push([NewTask(b"still-pending", K("pending"), unique=True)])
+    a, b, c, e, f = await q.reserve("w1", 5)
+
+    def u(name: str, key: str, **kw: Any) -> NewTask:
+        return NewTask(name.encode(), K(key), unique=True, **kw)
+
+    batch = [
+        Commit(a, done=[K("k1"), K("k2")], children=[u("dup-1", "dup"), NewTask(b"plain-n", K("n")), u("t1", "t1")]),
+        Commit(b, undone=[K("k1"), K("was-done")], children=[u("dup-2", "dup"), u("k2-child", "k2")]),
+        Commit(c, done=[K("k1")], undone=[K("k2")], children=[u("n-unique", "n"), u("dup-3", "dup")]),
+        Commit(e, undone=[K("k3")], done=[K("k3")], children=[u("k3-child", "k3"), u("was-done", "was-done")]),
+        Commit(f, children=[u("pending", "pending"), u("t4", "t4"), NewTask(b"plain-dup", K("dup"))]),
+    ]
+    assert await q.commit(batch) == 5
+    # done: k1 (done, undone, done), k3 (undone then done in one commit); k2 and was-done undone
+    assert await d.contains([K("k1"), K("k2"), K("k3"), K("was-done")]) == [True, False, True, False]
+    assert await d.count() == 2
+    # t1 and t4 were acked first; k2 is not done any more (phase 2), k3 is; "dup" once unique plus a plain copy
+    expected = [b"still-pending", b"dup-1", b"plain-n", b"t1", b"k2-child", b"was-done", b"t4", b"plain-dup"]
+    assert await _payloads(q) == expected
+    _check_consistent(db, "phases")
+
+
+async def test_head_children_of_later_commits_go_first(db: Path, opened: list[Any]) -> None:
+    q = await _queue(opened, "heads", db)
+    await q.push([NewTask(b"p1"), NewTask(b"p2"), NewTask(b"old1"), NewTask(b"old2")])
+    first, second = await q.reserve("w1", 2)
+    batch = [
+        Commit(first, children=[NewTask(b"a-head1", head=True), NewTask(b"a-tail"), NewTask(b"a-head2", head=True)]),
+        Commit(second, children=[NewTask(b"b-late", delay=3600), NewTask(b"b-head", head=True), NewTask(b"b-tail")]),
+    ]
+    assert await q.commit(batch) == 2
+    assert await q.stats() == QueueStats(ready=7, delayed=1, leased=0, dead=0)
+    # as two pushes: the second batch's heads before the first's; tails in order
+    expected = [b"b-head", b"a-head1", b"a-head2", b"old1", b"old2", b"a-tail", b"b-tail"]
+    assert await _payloads(q) == expected
+    # the same on an empty ready deque
+    await q.push([NewTask(b"p3"), NewTask(b"p4")])
+    first, second = await q.reserve("w1", 2)
+    batch = [
+        Commit(first, children=[NewTask(b"a-tail"), NewTask(b"a-head", head=True)]),
+        Commit(second, children=[NewTask(b"b-head", head=True), NewTask(b"b-tail")]),
+    ]
+    assert await q.commit(batch) == 2
+    assert await _payloads(q) == [b"b-head", b"a-head", b"a-tail", b"b-tail"]
+    _check_consistent(db, "heads")
+
+
+async def test_ack_pending_counts_of_repeated_keys(db: Path, opened: list[Any]) -> None:
+    q = await _queue(opened, "copies", db)
+    await q.push([NewTask(b"k", K("k")), NewTask(b"k", K("k")), NewTask(b"k", K("k")), NewTask(b"j", K("j"))])
+    k1, k2, k3, j = await q.reserve("w1", 4)
+    assert await q.commit([Commit(k1), Commit(j), Commit(k2)]) == 3
+    _check_consistent(db, "copies")
+    assert await q.push([NewTask(b"k2", K("k"), unique=True), NewTask(b"j2", K("j"), unique=True)]) == 1
+    assert await q.commit([Commit(k3)]) == 1
+    assert await q.push([NewTask(b"k3", K("k"), unique=True)]) == 1
+    _check_consistent(db, "copies")
+    leases = await q.reserve("w1", 10)
+    assert await q.bury([(leases[0], "x"), (leases[1], "y")]) == 2  # both keys, each once
+    assert await q.push([NewTask(b"j3", K("j"), unique=True), NewTask(b"k4", K("k"), unique=True)]) == 2
+    _check_consistent(db, "copies")
+
+
+async def test_batches_larger_than_a_chunk(db: Path, opened: list[Any]) -> None:
+    chunk = sqlite_backend.CHUNK
+    n = 2 * chunk + 44
+    q, d = await _queue(opened, "big", db), await _done(opened, "big", db)
+    tasks = [NewTask(f"t{i}".encode(), K(f"t{i % n}"), unique=True) for i in range(n + 50)]  # 50 repeats
+    assert await q.push(tasks) == n
+    assert await q.push(tasks) == 0
+    leases = await q.reserve("w1", n + 10)
+    assert len(leases) == n and (await q.stats()).leased == n
+    assert await q.reserve("w2", 1) == []
+    batch = [
+        Commit(
+            lease,
+            done=[K(f"t{i}")],
+            children=[
+                NewTask(f"c{i}".encode(), K(f"c{i}"), unique=True),
+                NewTask(b"again", K(f"t{(i + 1) % n}"), unique=True),  # done in phase 2: skipped
+                NewTask(b"shared", K("shared"), unique=True),  # one copy for the whole batch
+            ],
+        )
+        for i, lease in enumerate(leases)
+    ]
+    stale = [Commit(Lease(x.task_id, x.payload, x.key, "w2", x.attempt, 0), children=[NewTask(b"no")]) for x in leases]
+    applied, statements = await _statements(q, q.commit(stale[:chunk] + batch + stale[chunk:]))
+    assert applied == n
+    assert len(statements) <= 40, statements  # a few per chunk of 128, not several per task
+    assert await q.stats() == QueueStats(ready=n + 1, delayed=0, leased=0, dead=0)
+    assert await d.count() == n
+    _check_consistent(db, "big")
+    expected = [b"c0", b"shared"] + [f"c{i}".encode() for i in range(1, n)]  # children in commit order
+    assert await _payloads(q) == expected
+    _check_consistent(db, "big")
+
+
+async def test_statements_per_call_do_not_grow_with_the_batch(db: Path, opened: list[Any]) -> None:
+    """Push, reserve and commit run the same few statements for 10 tasks as for 100."""
+    counts = []
+    for n in (10, 100):
+        q = await _queue(opened, f"count-{n}", db)
+        pushed, push_sql = await _statements(q, q.push([NewTask(b"t", K(f"{n}-{i}"), unique=True) for i in range(n)]))
+        leases, reserve_sql = await _statements(q, q.reserve("w1", n))
+        commits = [
+            Commit(x, done=[K(f"d{i}")], children=[NewTask(b"c", K(f"c{i}"), unique=True)])
+            for i, x in enumerate(leases)
+        ]
+        applied, commit_sql = await _statements(q, q.commit(commits))
+        assert (pushed, len(leases), applied) == (n, n, n)
+        counts.append((len(push_sql), len(reserve_sql), len(commit_sql)))
+        _check_consistent(db, f"count-{n}")
+    assert counts[0] == counts[1], counts
+    push_n, reserve_n, commit_n = counts[0]
+    assert push_n <= 5 and reserve_n <= 5 and commit_n <= 10, counts
 
 
 # -- real processes ------------------------------------------------------------------
