@@ -122,7 +122,7 @@ class RunSummary:
     buried: int = 0
     released: int = 0
     fenced: int = 0
-    added: int = 0
+    added: int = 0  # tasks handed to the backend, from handlers and elsewhere (it may still skip repeat=False ones)
     deduplicated: int = 0  # repeat=False adds the local dedup cache skipped without a round trip
     elapsed: float = 0.0
     exit_code: int = 0
@@ -1217,6 +1217,7 @@ class AsyncLoop:
                 if a.name is not None and not a.outbox.names.get(a.name) and a.name not in a.outbox.unique:
                     self._forget(a.name)  # acked without task_done: no longer pending, maybe not done
             self._summary.succeeded += applied
+            self._summary.added += sum(len(a.outbox.tasks) for a in attempts)
             self._summary.fenced += len(attempts) - applied
             if applied < len(attempts):
                 log.warning("%s: %d commits were fenced (their lease was lost)", self.name, len(attempts) - applied)

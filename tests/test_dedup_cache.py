@@ -44,6 +44,7 @@ async def test_every_page_runs_once_and_repeats_are_skipped_locally(spiders: Spi
     # 30 pages x 30 links = 900 adds of 30 names; the backend decided at least the first of
     # each; most of the rest never left the process
     assert summary.deduplicated > 900 // 2, summary
+    assert summary.added + summary.deduplicated == 1 + 900, "every add is either handed on or dropped here"
     assert await _done_count(loop) == 30
 
 
