@@ -306,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(prog="achihuo", description="Manage achihuo_mini loops without their source.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("backends", help="list installed backend plugins")
+    loops = sub.add_parser("loops", help="list the loops (NAMEs) that have data in a backend")
+    loops.add_argument("--backend", help="the backend to look in (else the config file's [queue], else sqlite)")
+    loops.add_argument("--config", help="TOML config file (its [queue] section says where to look)")
     _add_commands(sub, named=True)
     args = parser.parse_args(argv)
     if args.command == "backends":
@@ -314,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, error in registry.failed().items():
             print(f"{name:10} FAILED   {error}")
         return 0
+    if args.command == "loops":
+        return _list_loops(args.backend, args.config)
     try:
         cls = type("NamedLoop", (AsyncLoop,), {"NAME": args.name})
         loop = cls(cache_backend=args.backend, config_file=args.config, debug=False)
@@ -322,6 +327,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     args.config = None
     return _run(loop, args)
+
+
+def _list_loops(backend: str | None, config: str | None) -> int:
+    from .config import load_settings
+
+    try:
+        side = load_settings(kwargs={}, cache_backend=backend, config_file=config).queue
+        spec = side.spec()
+        if spec.list_loops is None:
+            print(f"error: the {spec.name} backend cannot list its loops", file=sys.stderr)
+            return 1
+        names = asyncio.run(spec.list_loops(dict(side.options)))
+    except AchihuoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for name in names:
+        print(name)
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

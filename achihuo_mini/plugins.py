@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,9 @@ class BackendSpec:
     create_queue: Callable[[str, dict[str, Any]], QueueBackend] | None = None
     create_done_set: Callable[[str, dict[str, Any]], DoneSetBackend] | None = None
     options: Mapping[str, Option] = field(default_factory=dict)
+    list_loops: Callable[[dict[str, Any]], Coroutine[Any, Any, list[str]]] | None = None
+    """Optional: the NAMEs of the loops that have data where ``options`` point (for
+    ``achihuo loops``), called with the same option dict as the factories."""
     plugin: str = ""
     """Filled in by the registry: the plugin that registered this spec."""
 

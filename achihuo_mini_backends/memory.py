@@ -506,5 +506,11 @@ def achihuo_register_backends(register: Any) -> None:
             description="in this process's memory; fast, lost when the process ends",
             create_queue=lambda namespace, options: MemoryQueue(namespace),
             create_done_set=lambda namespace, options: MemoryDoneSet(namespace),
+            list_loops=_list_loops,
         )
     )
+
+
+async def _list_loops(options: Mapping[str, Any]) -> list[str]:
+    """The namespaces with data in this process."""
+    return sorted(_STORES)

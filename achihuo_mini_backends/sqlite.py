@@ -1200,5 +1200,34 @@ def achihuo_register_backends(register: Callable[[BackendSpec], None]) -> None:
             create_queue=_create_queue,
             create_done_set=_create_done_set,
             options=OPTIONS,
+            list_loops=_list_loops,
         )
     )
+
+
+async def _list_loops(options: Mapping[str, Any]) -> list[str]:
+    """The loops in the ``path`` file, or in every ``*.sqlite3`` file of the data folder."""
+    path = options.get("path")
+    files = [Path(path)] if path is not None else sorted(default_data_dir().glob("*.sqlite3"))
+    return await asyncio.to_thread(_names_in, files)
+
+
+def _names_in(files: Sequence[Path]) -> list[str]:
+    names: set[str] = set()
+    for file in files:
+        if not file.is_file():
+            continue
+        try:  # read-only: listing never creates or changes a file
+            conn = sqlite3.connect(f"{file.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+        except sqlite3.Error:
+            continue
+        try:
+            rows = conn.execute(  # the counters are exact: a cleared loop has none left
+                "SELECT name FROM namespaces WHERE ready + delayed + leased + dead + done > 0"
+            ).fetchall()
+        except sqlite3.DatabaseError:
+            continue  # not an achihuo_mini database
+        finally:
+            conn.close()
+        names.update(bytes(row[0]).decode("utf-8", "surrogatepass") for row in rows)
+    return sorted(names)

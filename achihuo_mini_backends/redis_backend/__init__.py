@@ -99,6 +99,7 @@ import importlib.resources
 import json
 import logging
 import math
+import re
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -832,5 +833,43 @@ def achihuo_register_backends(register: Any) -> None:
             create_queue=lambda namespace, options: RedisQueue(namespace, **_options(options)),
             create_done_set=lambda namespace, options: RedisDoneSet(namespace, **_options(options)),
             options=OPTIONS,
+            list_loops=_list_loops,
         )
     )
+
+
+def unescape_namespace(escaped: str) -> str:
+    """The inverse of :func:`escape_namespace`."""
+    if escaped == "%":
+        return ""
+    return re.sub(r"%(25|7B|7D)", lambda m: {"25": "%", "7B": "{", "7D": "}"}[m.group(1)], escaped)
+
+
+async def _list_loops(options: Mapping[str, Any]) -> list[str]:
+    """Loops with a task counter or a done set in this database, found with ``SCAN``.
+
+    The one place that scans: the loop itself never does (its keys are all known), but
+    a listing of loops has nothing else to go by. ``SCAN`` walks the keyspace in small
+    steps, so it does not block the server the way ``KEYS`` would.
+    """
+    opts = _options(options)
+    probe = RedisDoneSet("%", **opts)  # only its connection is used
+    await probe.open()
+    try:
+        client = probe._redis
+        prefix = opts["prefix"].encode("utf-8", "surrogatepass")
+        glob = re.sub(rb"([*?\[\]\\])", rb"\\\1", prefix)
+        names: set[str] = set()
+        for part in (b"seq", b"dcount"):
+            cursor = 0
+            while True:
+                cursor, keys = await probe._run(client.scan(cursor, match=glob + b":{*}:" + part, count=1000))
+                for raw in keys:
+                    key = raw if isinstance(raw, bytes) else str(raw).encode("utf-8", "surrogatepass")
+                    inner = key[len(prefix) + 2 : key.rindex(b"}:")]
+                    names.add(unescape_namespace(inner.decode("utf-8", "surrogatepass")))
+                if not cursor:
+                    break
+        return sorted(names)
+    finally:
+        await probe.close()
