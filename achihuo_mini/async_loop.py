@@ -172,9 +172,6 @@ class _Outbox:
         self.names.update(newer.names)
         self.unique.extend(newer.unique)
 
-    def done_keys(self, value: bool) -> list[bytes]:
-        return [k for k, v in self.done.items() if v is value]
-
     def split_done(self) -> tuple[list[bytes], list[bytes]]:
         """``(done, undone)`` keys, in one pass (most outboxes hold one done name and nothing else)."""
         done: list[bytes] = []
@@ -634,7 +631,7 @@ class AsyncLoop:
     async def _write_outbox(self, q: QueueBackend, d: DoneSetBackend, shared: bool, outbox: _Outbox) -> None:
         """Done-set changes first, then the pushes (a duplicate at worst, never a loss)."""
         if outbox.done:
-            removed, added = outbox.done_keys(False), outbox.done_keys(True)
+            added, removed = outbox.split_done()
             if removed:
                 await d.remove(removed)
             if added:

@@ -22,7 +22,7 @@ import msgpack
 from .errors import DecodeError, EncodeError
 from .item import Item
 
-__all__ = ["FORMAT_VERSION", "DecodedTask", "check_args", "check_value", "decode_task", "encode_task", "name_key"]
+__all__ = ["FORMAT_VERSION", "DecodedTask", "check_args", "decode_task", "encode_task", "name_key"]
 
 FORMAT_VERSION = 1
 _VERSION_BYTE = bytes([FORMAT_VERSION])
@@ -82,13 +82,9 @@ class _Bad(Exception):
         self.message = message
         self.path: list[str] = []
 
-
-def check_value(value: Any, path: str) -> None:
-    """Raise :class:`EncodeError` naming ``path`` (e.g. ``args[0]['data']``) if ``value`` cannot be stored."""
-    try:
-        _check(value)
-    except _Bad as bad:
-        raise EncodeError(f"{path}{''.join(reversed(bad.path))}: {bad.message}") from None
+    def error(self, path: str) -> EncodeError:
+        """The error to raise, naming the full path (``path`` is where the checked value sits)."""
+        return EncodeError(f"{path}{''.join(reversed(self.path))}: {self.message}")
 
 
 def _short(value: Any) -> str:
@@ -151,8 +147,8 @@ def check_args(args: tuple[Any, ...] | list[Any]) -> None:
         if type(arg) not in _SCALARS:
             try:
                 _check(arg)
-            except _Bad:
-                check_value(arg, f"args[{i}]")  # raises, with the path
+            except _Bad as bad:
+                raise bad.error(f"args[{i}]") from None
 
 
 def encode_task(handler: str, name: str | None, args: tuple[Any, ...] | list[Any]) -> bytes:

@@ -762,9 +762,8 @@ async def request(
     ``ValueError``/``TypeError`` for an item that cannot be sent at all.
     """
     url = item.get("url")
-    if type(url) is not str or not url:
-        if not isinstance(url, str) or not url:
-            raise ValueError(f"async_web_request: the item has no url (its keys: {sorted(map(str, item))})")
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"async_web_request: the item has no url (its keys: {sorted(map(str, item))})")
     method = item.get("method")
     method = "GET" if method is None or method == "GET" else str(method or "GET").upper()
     tries = item.get("max_retry")
