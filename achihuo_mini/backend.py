@@ -6,7 +6,7 @@ it passes the contract suite in :mod:`achihuo_mini.testing`.
 Vocabulary
 ----------
 key
-    The 16-byte digest of a task name (:func:`achihuo_mini.codec.name_key`).
+    The 16-byte digest of a task name (:func:`name_key`).
     Backends never see task names, only keys; ``None`` means an unnamed task.
 payload
     The encoded task (opaque bytes to a backend).
@@ -54,6 +54,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from hashlib import blake2b
 from typing import Any, Literal, Protocol, runtime_checkable
 
 __all__ = [
@@ -68,12 +69,25 @@ __all__ = [
     "Scope",
     "WorkerInfo",
     "WorkerRegistry",
+    "name_key",
 ]
 
 Scope = Literal["process", "host", "network"]
 """Who can share a backend: one process (memory), one host (SQLite), any host (Redis)."""
 
 SCOPE_ORDER: dict[str, int] = {"process": 0, "host": 1, "network": 2}
+
+KEY_FORMAT = "blake2b-128"
+"""How a key is made from a name (the on-disk format: changing it orphans every stored key)."""
+
+
+def name_key(name: str) -> bytes:
+    """The key of a task name: the 16-byte blake2b digest of its UTF-8 bytes.
+
+    Fixed size per name, whatever the name; lone surrogates are encoded as they are
+    (``surrogatepass``), so every ``str`` has a key.
+    """
+    return blake2b(name.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 @dataclass(slots=True, eq=False)

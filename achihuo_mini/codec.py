@@ -6,7 +6,7 @@ array ``[ExtType(1, b''), {its keys}]``. Decoding never runs code, so write acce
 a backend is not code execution in a worker.
 
 Task names are stored as a 16-byte blake2b digest of their UTF-8 bytes
-(:func:`name_key`): fixed memory per name, any unicode name is safe.
+(:func:`achihuo_mini.backend.name_key`, re-exported here): fixed memory per name, any unicode name is safe.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from hashlib import blake2b
 from typing import Any
 
 import msgpack
 
+from .backend import name_key
 from .errors import DecodeError, EncodeError
 from .item import Item
 
@@ -28,11 +28,6 @@ FORMAT_VERSION = 1
 _VERSION_BYTE = bytes([FORMAT_VERSION])
 _EXT_ITEM = 1
 _SCALARS = (str, bytes, int, bool, type(None))
-
-
-def name_key(name: str) -> bytes:
-    """The 16-byte digest under which backends store a task name."""
-    return blake2b(name.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def _check(value: Any) -> None:

@@ -29,39 +29,59 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .plugins import BackendSpec, Option, registry
+from .masking import mask_secrets
+from .plugins import BackendSpec, Option, build_backend_options, coerce_option, registry
 
 __all__ = ["DEFAULT_CACHE_BACKEND", "LOOP_OPTIONS", "Settings", "build_backend_options", "load_settings"]
 
 DEFAULT_CACHE_BACKEND = "sqlite"
 """Embedded, durable, needs no server: a first run just works."""
 
+_SECONDS = 1e9  # ~31 years: the largest time any option may give (backends store milliseconds)
+_COUNT = 1_000_000
+
 LOOP_OPTIONS: dict[str, Option] = {
-    "concurrency": Option(int, 10, "task coroutines running at once in this process"),
+    "concurrency": Option(int, 10, "task coroutines running at once in this process", 1, _COUNT),
     "debug": Option(bool, True, "verbose (DEBUG) logging"),
     "log_level": Option(str, None, "DEBUG, INFO, WARNING or ERROR; overrides debug"),
-    "grace_period": Option(float, 8.0, "seconds running handlers may finish after a stop"),
-    "lease_timeout": Option(float, 30.0, "seconds without heartbeat after which a worker is dead"),
-    "heartbeat_interval": Option(float, 10.0, "seconds between heartbeats"),
-    "task_timeout": Option(float, 600.0, "seconds a handler may run before it is cancelled (a failure)"),
-    "max_retries": Option(int, 3, "retries of a failing task before it becomes a dead letter"),
-    "retry_delay": Option(float, 1.0, "first retry delay in seconds; doubles each retry, with jitter"),
-    "retry_max_delay": Option(float, 300.0, "cap of the retry delay in seconds"),
-    "idle_exit": Option(float, None, "exit when the whole loop is idle this many seconds (None: never)"),
-    "flush_interval": Option(float, 0.1, "seconds between flushes of tasks added outside handlers"),
-    "progress_interval": Option(float, 60.0, "seconds between progress log lines (0: none)"),
+    "grace_period": Option(float, 8.0, "seconds running handlers may finish after a stop", 0, _SECONDS),
+    "lease_timeout": Option(float, 30.0, "seconds without heartbeat after which a worker is dead", 0, _SECONDS),
+    "heartbeat_interval": Option(float, 10.0, "seconds between heartbeats (less than lease_timeout)", 0, _SECONDS),
+    "task_timeout": Option(float, 600.0, "seconds a handler may run before it is cancelled (a failure)", 0, _SECONDS),
+    "max_retries": Option(int, 3, "retries of a failing task before it becomes a dead letter", 0, _COUNT),
+    "retry_delay": Option(float, 1.0, "first retry delay in seconds; doubles each retry, with jitter", 0, _SECONDS),
+    "retry_max_delay": Option(float, 300.0, "cap of the retry delay in seconds", 0, _SECONDS),
+    "idle_exit": Option(float, None, "exit when the whole loop is idle this many seconds (None: never)", 0, _SECONDS),
+    "flush_interval": Option(float, 0.1, "seconds between flushes of tasks added outside handlers", 0, 3600),
+    "progress_interval": Option(float, 60.0, "seconds between progress log lines (0: none)", 0, _SECONDS),
     "allow_local": Option(bool, False, "allow a network queue with a host/process-scope done set"),
     "require_durable": Option(bool, False, "refuse a backend that reports volatile durability"),
-    "user_agent": Option(str, None, "User-Agent header of async_web_request"),
-    "request_timeout": Option(float, 30.0, "default total timeout of one HTTP try, seconds"),
-    "max_body_size": Option(int, 64 * 1024 * 1024, "largest HTTP body async_web_request reads, bytes (0: no limit)"),
-    "per_host_limit": Option(int, 0, "concurrent requests per host (0: no limit)"),
-    "per_host_delay": Option(float, 0.0, "seconds between the starts of requests to one host"),
-    "dedup_cache": Option(
-        int, 100_000, "names this process remembers as done or pending, to skip repeat=False adds at once (0: off)"
+    "max_task_size": Option(
+        int, 1024 * 1024, "largest encoded task add_task accepts, bytes (handler, name and arguments)", 64, 2**31
     ),
-    "dedup_cache_ttl": Option(float, 60.0, "seconds after which the local dedup cache starts empty again"),
+    "user_agent": Option(str, None, "User-Agent header of async_web_request"),
+    "request_timeout": Option(float, 30.0, "default total timeout of one HTTP try, seconds", 0, _SECONDS),
+    "max_body_size": Option(
+        int, 64 * 1024 * 1024, "largest HTTP body async_web_request reads, bytes (0: no limit)", 0, 2**62
+    ),
+    "per_host_limit": Option(int, 0, "concurrent requests per host (0: no limit)", 0, _COUNT),
+    "per_host_delay": Option(float, 0.0, "seconds between the starts of requests to one host", 0, 86400),
+    "dedup_cache": Option(
+        int,
+        100_000,
+        "names this process itself marked done, remembered to skip repeat=False adds of them at once (0: off)",
+        0,
+        10**9,
+    ),
+    "dedup_cache_ttl": Option(
+        float, 60.0, "seconds a name stays in the local dedup cache after this process marked it done", 0, _SECONDS
+    ),
 }
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_POSITIVE = ("lease_timeout", "heartbeat_interval", "task_timeout", "flush_interval", "request_timeout",
+             "dedup_cache_ttl")  # fmt: skip
+"""Options where 0 would spin a background loop or fail every call: they must be more than 0."""
 
 
 @dataclass
@@ -75,6 +95,9 @@ class Side:
     def spec(self) -> BackendSpec:
         return registry.get(self.backend)
 
+    def __repr__(self) -> str:
+        return mask_secrets(f"Side(backend={self.backend!r}, options={self.options!r}, source={self.source!r})")
+
 
 @dataclass
 class Settings:
@@ -86,53 +109,10 @@ class Settings:
     config_path: Path | None = None
     sources: dict[str, str] = field(default_factory=dict)
 
-
-def _type_name(t: type) -> str:
-    return {Path: "a path (str)", float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(
-        t, t.__name__
-    )
-
-
-def _coerce(option: Option, value: Any, where: str, base_dir: Path | None) -> Any:
-    if value is None:
-        return None
-    t = option.type
-    if t is bool:
-        if type(value) is bool:
-            return value
-    elif t is int:
-        if type(value) is int:
-            return value
-    elif t is float:
-        if type(value) in (int, float):
-            return float(value)
-    elif t is str:
-        if type(value) is str:
-            return value
-    elif t is Path:
-        if isinstance(value, (str, os.PathLike)):
-            path = Path(os.path.expanduser(os.fspath(value)))
-            if not path.is_absolute() and base_dir is not None:
-                path = base_dir / path
-            return path
-    else:  # pragma: no cover - plugin declared an unsupported option type
-        raise ConfigError(f"{where}: option type {t!r} is not supported")
-    raise ConfigError(f"{where}: expected {_type_name(t)}, got {type(value).__name__} {value!r}")
-
-
-def build_backend_options(
-    spec: BackendSpec, raw: Mapping[str, Any], *, source: str, base_dir: Path | None = None
-) -> dict[str, Any]:
-    """Check ``raw`` against the options ``spec`` declares and fill in defaults."""
-    unknown = sorted(set(raw) - set(spec.options))
-    if unknown:
-        known = ", ".join(sorted(spec.options)) or "none"
-        raise ConfigError(f"{source}: unknown option {unknown[0]!r} for backend {spec.name!r} (it accepts: {known})")
-    out: dict[str, Any] = {}
-    for name, option in spec.options.items():
-        value = raw.get(name, option.default)
-        out[name] = _coerce(option, value, f"{source}: key {name!r}", base_dir)
-    return out
+    def __repr__(self) -> str:  # backend options hold URLs with passwords
+        return mask_secrets(
+            f"Settings(loop={self.loop!r}, queue={self.queue!r}, done={self.done!r}, config_path={self.config_path!r})"
+        )
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -143,6 +123,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: invalid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path}: not UTF-8 text (TOML files are UTF-8): {exc.reason} at byte {exc.start}"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"config file {path}: cannot read: {exc}") from exc
 
@@ -192,25 +176,21 @@ def load_settings(
                 raise ConfigError(f"{label}: unknown option {name!r} (known: {known})")
             if value is None:
                 continue
-            loop[name] = _coerce(LOOP_OPTIONS[name], value, f"{label} {name!r}", base_dir)
+            loop[name] = coerce_option(LOOP_OPTIONS[name], value, f"{label} {name!r}", base_dir)
             sources[name] = label
-    if loop["concurrency"] < 1:
-        raise ConfigError(f"{sources['concurrency']} 'concurrency': must be at least 1, got {loop['concurrency']}")
-    for name in ("grace_period", "retry_delay", "retry_max_delay", "per_host_delay", "dedup_cache"):
-        if loop[name] < 0:
-            raise ConfigError(f"{sources[name]} {name!r}: must not be negative, got {loop[name]}")
-    for name in (
-        "lease_timeout",
-        "heartbeat_interval",
-        "task_timeout",
-        "flush_interval",
-        "request_timeout",
-        "dedup_cache_ttl",
-    ):
+    for name in _POSITIVE:
         if not loop[name] > 0:
             raise ConfigError(f"{sources[name]} {name!r}: must be more than 0, got {loop[name]}")
-    if loop["max_retries"] < 0:
-        raise ConfigError(f"{sources['max_retries']} 'max_retries': must not be negative")
+    if loop["heartbeat_interval"] >= loop["lease_timeout"]:
+        raise ConfigError(
+            f"heartbeat_interval ({loop['heartbeat_interval']:g} s, {sources['heartbeat_interval']}) must be less "
+            f"than lease_timeout ({loop['lease_timeout']:g} s, {sources['lease_timeout']}): otherwise live workers "
+            "are declared dead and their tasks run twice"
+        )
+    if loop["log_level"] is not None and loop["log_level"].upper() not in _LOG_LEVELS:
+        raise ConfigError(
+            f"{sources['log_level']} 'log_level': expected one of {', '.join(_LOG_LEVELS)}, got {loop['log_level']!r}"
+        )
 
     def side(section: str, side_keyword: str | None) -> Side:
         raw = _section(data, section, path) if path else {}

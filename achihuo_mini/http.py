@@ -75,6 +75,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 
 from .errors import RequestError
+from .masking import mask_secrets, mask_url
 
 if TYPE_CHECKING:
     from .async_loop import AsyncLoop
@@ -121,27 +122,6 @@ _PRUNE_AT = 1024  # per-host entries kept before idle ones are dropped
 
 
 # -- secrets ---------------------------------------------------------------------------
-
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^\s/?#'\"<>]*)@")
-_SECRET_FIELD = re.compile(
-    r"(?i)\b(proxy-authorization|authorization|set-cookie|cookie|x-api-key)(['\"]?\s*[:=]\s*['\"]?)([^'\"\r\n]+)"
-)
-
-
-def _mask_userinfo(match: re.Match[str]) -> str:
-    user, colon, _password = match.group(2).partition(":")
-    return f"{match.group(1)}{user}:***@" if colon else f"{match.group(1)}***@"
-
-
-def mask_url(url: str) -> str:
-    """``url`` with the password of its user info replaced by ``***`` (a bare user name too)."""
-    return _USERINFO.sub(_mask_userinfo, url)
-
-
-def mask_secrets(text: str) -> str:
-    """``text`` with URL passwords and ``Cookie``/``Authorization``-like values replaced by ``***``."""
-    return _SECRET_FIELD.sub(r"\1\2***", mask_url(text))
-
 
 def _describe(exc: BaseException) -> str:
     message = str(exc)

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import math
+import os
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,14 +36,18 @@ from typing import Any
 
 import pluggy
 
+from . import backend_kit as _kit
 from .backend import DoneSetBackend, QueueBackend, Scope
-from .errors import BackendNotFound, PluginError
+from .errors import BackendNotFound, ConfigError, PluginError
+from .masking import mask_secrets
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "BackendSpec",
     "Option",
     "Registry",
+    "build_backend_options",
+    "coerce_option",
     "hookimpl",
     "hookspec",
     "registry",
@@ -62,11 +68,16 @@ class Option:
 
     ``type`` is ``str``, ``int``, ``float``, ``bool`` or ``Path``; a relative ``Path``
     is resolved against the config file's folder. ``default=None`` means unset.
+    Numbers are checked by :func:`coerce_option`: a ``float`` must be finite, an
+    ``int`` must fit in 64 bits, and both must lie within ``minimum``/``maximum``
+    when those are given.
     """
 
     type: type
     default: Any = None
     help: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
 
 
 @dataclass(frozen=True)
@@ -187,20 +198,83 @@ registry = Registry()
 """The process-wide registry of installed backends."""
 
 
-def default_data_dir() -> Path:
-    """``$XDG_DATA_HOME/achihuo_mini`` (default ``~/.local/share/achihuo_mini``)."""
-    import os
-
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "achihuo_mini"
+# Kept here for plugins written against 0.1: the helpers live in ``backend_kit`` now.
+default_data_dir = _kit.default_data_dir
+safe_filename = _kit.safe_filename
 
 
-def safe_filename(name: str) -> str:
-    """A file name made from a loop NAME: readable where it can be, collision-free always."""
-    import hashlib
-    import re
+def _type_name(t: type) -> str:
+    return {Path: "a path (str)", float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(
+        t, t.__name__
+    )
 
-    readable = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:64].strip(".") or "loop"
-    if readable == name:
-        return name
-    return f"{readable}-{hashlib.blake2b(name.encode('utf-8', 'surrogatepass'), digest_size=6).hexdigest()}"
+
+_INT_LIMIT = 2**63
+
+
+def _short_repr(value: Any) -> str:
+    text = mask_secrets(repr(value))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def coerce_option(option: Option, value: Any, where: str, base_dir: Path | None) -> Any:
+    """``value`` as ``option.type``, or :class:`ConfigError` naming ``where`` and what was expected.
+
+    Refused: a value of another type (``True`` is not an integer), a non-finite
+    float (NaN, infinity), an integer outside 64 bits, a number outside
+    ``option.minimum``/``option.maximum``. The value is quoted with secrets masked.
+    """
+    if value is None:
+        return None
+    t = option.type
+    out: Any = _NOT_COERCED
+    if t is bool:
+        if type(value) is bool:
+            out = value
+    elif t is int:
+        if type(value) is int:
+            if not -_INT_LIMIT <= value < _INT_LIMIT:
+                raise ConfigError(f"{where}: {value} is too large (an integer of at most 64 bits)")
+            out = value
+    elif t is float:
+        if type(value) in (int, float):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            out = float(value)
+    elif t is str:
+        if type(value) is str:
+            out = value
+    elif t is Path:
+        if isinstance(value, (str, os.PathLike)):
+            path = Path(os.path.expanduser(os.fspath(value)))
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            out = path
+    else:  # pragma: no cover - plugin declared an unsupported option type
+        raise ConfigError(f"{where}: option type {t!r} is not supported")
+    if out is _NOT_COERCED:
+        raise ConfigError(f"{where}: expected {_type_name(t)}, got {type(value).__name__} {_short_repr(value)}")
+    if t in (int, float):
+        if option.minimum is not None and out < option.minimum:
+            raise ConfigError(f"{where}: must be at least {option.minimum:g}, got {out!r}")
+        if option.maximum is not None and out > option.maximum:
+            raise ConfigError(f"{where}: must be at most {option.maximum:g}, got {out!r}")
+    return out
+
+
+_NOT_COERCED = object()
+
+
+def build_backend_options(
+    spec: BackendSpec, raw: Mapping[str, Any], *, source: str, base_dir: Path | None = None
+) -> dict[str, Any]:
+    """Check ``raw`` against the options ``spec`` declares and fill in defaults."""
+    unknown = sorted(set(raw) - set(spec.options))
+    if unknown:
+        known = ", ".join(sorted(spec.options)) or "none"
+        raise ConfigError(f"{source}: unknown option {unknown[0]!r} for backend {spec.name!r} (it accepts: {known})")
+    out: dict[str, Any] = {}
+    for name, option in spec.options.items():
+        value = raw.get(name, option.default)
+        out[name] = coerce_option(option, value, f"{source}: key {name!r}", base_dir)
+    return out
