@@ -237,8 +237,14 @@ class QueueBackend(Protocol):
         acking first only ever lets more unique children through.
         """
 
-    async def release(self, leases: Sequence[Lease]) -> int:
-        """Return leased tasks to the HEAD, in order, without spending a failure. Returns how many."""
+    async def release(self, leases: Sequence[Lease], delay: float = 0.0) -> int:
+        """Give leased tasks back without spending a failure; return how many were still held.
+
+        ``delay <= 0`` (graceful stop, recovery, strays): to the HEAD, in order.
+        ``delay > 0``: ready at the TAIL after ``delay`` seconds, like a retry but with
+        the failure count unchanged (the loop holds back a task for a handler that
+        only a live peer has, so that the peer takes it).
+        """
 
     async def retry(self, items: Sequence[tuple[Lease, float]]) -> int:
         """Count one failure for each task and make it ready at the tail after ``delay`` seconds."""

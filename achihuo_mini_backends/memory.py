@@ -297,9 +297,18 @@ class MemoryQueue:
             self._s.wake()
         return len(held)
 
-    async def release(self, leases: Sequence[Lease]) -> int:
+    async def release(self, leases: Sequence[Lease], delay: float = 0.0) -> int:
         with self._s.lock:
-            return self._release(leases)
+            if not delay > 0:  # also NaN
+                return self._release(leases)
+            s = self._s
+            due = time.monotonic() + delay
+            n = 0
+            for task in map(self._unlease, leases):
+                if task is not None:
+                    heapq.heappush(s.delayed, (due, task.tid, task))
+                    n += 1
+            return n
 
     async def retry(self, items: Sequence[tuple[Lease, float]]) -> int:
         s = self._s

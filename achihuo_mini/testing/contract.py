@@ -331,6 +331,30 @@ class BackendContract:
         assert [lease.failures for lease in again] == [0] * 5
         assert [lease.attempt for lease in again] == [2, 2, 2, 1, 1]
 
+    async def test_release_with_delay_goes_to_tail_later_without_a_failure(self, queue: QueueBackend) -> None:
+        await queue.push([_task("held", key=K("h"), unique=True)])
+        (lease,) = await queue.reserve("w1", 1)
+        assert await queue.release([lease], delay=30.0) == 1
+        assert await queue.stats() == QueueStats(ready=0, delayed=1, leased=0, dead=0)
+        assert await queue.push([_task("dup", key=K("h"), unique=True)]) == 0, "a held-back task is still pending"
+        assert await queue.reserve("w1", 5) == []
+        assert await queue.release([lease], delay=30.0) == 0, "a released lease is no longer held"
+
+    async def test_release_with_delay_expires_to_tail(self, queue: QueueBackend) -> None:
+        await queue.push([_task("held")])
+        (lease,) = await queue.reserve("w1", 1)
+        assert await queue.release([lease], delay=0.2) == 1
+        await queue.push([_task("later")])
+        got: list[Lease] = []
+
+        async def ready() -> bool:
+            got.extend(await queue.reserve("w1", 5))
+            return len(got) == 2
+
+        await wait_until(ready)
+        assert [g.payload for g in got] == [b"payload-later", b"payload-held"]
+        assert got[1].failures == 0 and got[1].attempt == 2
+
     async def test_retry_counts_failure_and_delays(self, queue: QueueBackend) -> None:
         await queue.push([_task(1, key=K("r"), unique=True), _task(2)])
         first, _ = await queue.reserve("w1", 2)
