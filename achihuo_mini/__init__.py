@@ -19,6 +19,7 @@ from .errors import (
     PluginError,
     RequestError,
     Retry,
+    TaskTooLarge,
 )
 from .item import Item
 
@@ -41,5 +42,6 @@ __all__ = [
     "Retry",
     "RunSummary",
     "Task",
+    "TaskTooLarge",
     "__version__",
 ]

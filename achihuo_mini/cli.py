@@ -1,6 +1,9 @@
-"""The command line: ``python spider.py start|stop|status|clear|dead`` and the ``achihuo`` script.
+"""The command line: ``python spider.py start|stop|status|clear|dead`` (and, through
+:mod:`achihuo_mini.__main__`, the ``achihuo`` script).
 
-Exit codes: 0 ok, 1 failure, 2 usage error.
+It uses a loop only through its public surface (``name``, ``settings``, ``configure``,
+``serve``); admin commands open the loop's store themselves. Exit codes: 0 ok,
+1 failure, 2 usage error.
 """
 
 from __future__ import annotations
@@ -12,21 +15,43 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from .backend import WorkerRegistry
+from ._report import RunSummary, printable, status_data
+from ._store import Store
+from .backend import WorkerInfo
 from .codec import decode_task
 from .errors import AchihuoError, DecodeError
-from .http import mask_secrets
+from .masking import mask_secrets
 
-if TYPE_CHECKING:
-    from .async_loop import AsyncLoop
-
-__all__ = ["main", "run_spider_cli"]
+__all__ = ["Spider", "add_admin_commands", "run_command", "run_spider_cli", "setup_logging"]
 
 log = logging.getLogger("achihuo_mini")
 
 CLEAR_TARGETS = ("queue", "done", "dead", "all", "cache")
+
+
+class Spider(Protocol):
+    """What the command line needs of a loop."""
+
+    name: str
+    settings: Any
+
+    def configure(self, **cli_options: Any) -> None: ...
+
+    async def serve(
+        self, *, slave: bool = ..., seed: bool = ..., idle_exit: float | None = ..., handle_signals: bool = ...
+    ) -> RunSummary: ...
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("achihuo_mini")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,19 +60,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_commands(sub: Any, named: bool = False) -> None:
-    """Add the commands to ``sub``; ``named`` (the achihuo script) adds a NAME argument and no ``start``."""
-
-    def add(command: str, **kw: Any) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(command, **kw)
-        if named:
-            p.add_argument("name", help="the loop's NAME")
-            p.add_argument("--backend", help="backend of both sides (else the config file, else sqlite)")
-        return p
-
-    if not named:
-        _add_start(sub)
-    _add_admin(add)
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", help="backend of both queue and done set (overrides the config file)")
+    p.add_argument("--config", help="TOML config file")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
 
 
 def _add_start(sub: Any) -> None:
@@ -55,103 +71,113 @@ def _add_start(sub: Any) -> None:
     start.add_argument("-s", "--slave", action="store_true", help="consume only; do not call run()")
     start.add_argument("--no-run", action="store_true", help="master that resumes without calling run()")
     start.add_argument("--idle-exit", type=float, metavar="SECONDS", help="exit when the queue is idle this long")
-    start.add_argument("--backend", help="backend for both queue and done set (overrides everything else)")
     start.add_argument("-c", "--concurrency", type=int, help="handlers running at once")
-    start.add_argument("--config", help="TOML config file")
-    start.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
+    _common(start)
 
 
-def _add_admin(add: Any) -> None:
+def add_admin_commands(sub: Any, named: bool = False) -> None:
+    """The commands that manage a loop; ``named`` (the achihuo script) adds a NAME argument."""
+
+    def add(command: str, **kw: Any) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(command, **kw)
+        if named:
+            p.add_argument("name", help="the loop's NAME")
+        _common(p)
+        return p
+
     stop = add("stop", help="stop workers gracefully (m1 s2 | all | masters | slaves)")
     stop.add_argument("targets", nargs="+", help="aliases such as m1 or s2, or all, masters, slaves")
     stop.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for them to exit (default 60)")
-    stop.add_argument("--config", help="TOML config file")
 
     status = add("status", help="workers, queue and done set")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--config", help="TOML config file")
 
     clear = add("clear", help="delete data: queue, done, dead or all (default all)")
     clear.add_argument("what", nargs="?", default="all", choices=CLEAR_TARGETS)
     clear.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     clear.add_argument("--force", action="store_true", help="clear even while workers are registered")
-    clear.add_argument("--config", help="TOML config file")
 
     dead = add("dead", help="list dead letters, or requeue them with --requeue")
-    dead.add_argument("--limit", type=int, default=20, help="how many to list (default 20)")
-    dead.add_argument("--requeue", action="store_true", help="put every dead letter back in the queue")
-    dead.add_argument("--config", help="TOML config file")
+    dead.add_argument("--limit", type=int, help="how many to list (default 20) or requeue (default all)")
+    dead.add_argument("--requeue", action="store_true", help="put dead letters back in the queue")
 
 
-def _setup_logging(level: str | None, debug: bool) -> None:
-    chosen = level or ("DEBUG" if debug else "INFO")
+def setup_logging(level: str | None, default: str) -> None:
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)-7s %(message)s", stream=sys.stderr)
-    logging.getLogger("achihuo_mini").setLevel(chosen)
+    logging.getLogger("achihuo_mini").setLevel(level or default)
 
 
-def run_spider_cli(loop: AsyncLoop, argv: Sequence[str] | None = None) -> int:
+def run_spider_cli(loop: Spider, argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the command for ``loop``; return the exit code."""
     prog = sys.argv[0] if sys.argv and sys.argv[0] else type(loop).__name__
     parser = _Parser(prog=prog, description=f"achihuo_mini loop {loop.name!r}")
+    parser.add_argument("--version", action="version", version=f"achihuo_mini {version()}")
     sub = parser.add_subparsers(dest="command", metavar="{start,stop,status,clear,dead}", required=True)
-    _add_commands(sub)
+    _add_start(sub)
+    add_admin_commands(sub)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.command == "start" and args.slave and args.no_run:
         parser.error("--no-run is for masters; a slave never calls run()")
-    return _run(loop, args)
+    return run_command(loop, args)
 
 
-def _run(loop: AsyncLoop, args: argparse.Namespace) -> int:
+def run_command(loop: Spider, args: argparse.Namespace) -> int:
+    """Run a parsed command for ``loop``."""
     try:
-        cli: dict[str, Any] = {"config": getattr(args, "config", None)}
+        options: dict[str, Any] = {"config": args.config, "backend": args.backend, "log_level": args.log_level}
         if args.command == "start":
-            cli.update(backend=args.backend, concurrency=args.concurrency, log_level=args.log_level)
-        if any(v is not None for v in cli.values()):
-            loop._configure({k: v for k, v in cli.items() if v is not None})
-        _setup_logging(loop.settings.loop["log_level"], loop.debug)
+            options.update(concurrency=args.concurrency, idle_exit=args.idle_exit)
+        if any(v is not None for v in options.values()):
+            loop.configure(**options)
+        level = loop.settings.loop["log_level"]
         if args.command == "start":
+            setup_logging(level, "DEBUG" if loop.settings.loop["debug"] else "INFO")
             summary = asyncio.run(
-                loop.serve(slave=args.slave, seed=not args.no_run, idle_exit=args.idle_exit, handle_signals=True)
+                loop.serve(slave=args.slave, seed=not args.no_run, idle_exit=None, handle_signals=True)
             )
             return summary.exit_code
+        setup_logging(level, "WARNING")  # an admin command prints its answer, not the backend's chatter
         return asyncio.run(_admin(loop, args))
     except AchihuoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
 
-async def _admin(loop: AsyncLoop, args: argparse.Namespace) -> int:
-    await loop._open()
+async def _admin(loop: Spider, args: argparse.Namespace) -> int:
+    store = Store(loop.name, loop.settings)
+    await store.open()
     try:
         if args.command == "stop":
-            return await _stop(loop, args.targets, args.timeout)
+            return await _stop(store, args.targets, args.timeout)
         if args.command == "status":
-            return await _status(loop, args.json)
+            return await _status(loop.name, store, args.json)
         if args.command == "clear":
-            return await _clear(loop, args.what, args.yes, args.force)
+            return await _clear(loop.name, store, args.what, args.yes, args.force)
         if args.command == "dead":
-            return await _dead(loop, args.limit, args.requeue)
+            return await _dead(store, args.limit, args.requeue)
         raise AssertionError(args.command)
     finally:
-        await loop._close_backends()
+        await store.close()
 
 
-def _registry(loop: AsyncLoop) -> WorkerRegistry | None:
-    q = loop._queue
-    return q if isinstance(q, WorkerRegistry) else None
+def _identity(w: WorkerInfo) -> tuple[Any, Any] | None:
+    """The process behind a registration (host, pid), when it published one."""
+    info = w.info if isinstance(w.info, dict) else {}
+    host, pid = info.get("host"), info.get("pid")
+    return (host, pid) if isinstance(host, str) and type(pid) is int else None
 
 
-async def _stop(loop: AsyncLoop, targets: Sequence[str], timeout: float) -> int:
-    reg = _registry(loop)
+async def _stop(store: Store, targets: Sequence[str], timeout: float) -> int:
+    reg = store.registry
     if reg is None:
         print(
-            f"error: the {loop.settings.queue.backend!r} queue has no worker registry; stop workers with SIGTERM",
+            f"error: the {store.settings.queue.backend!r} queue has no worker registry; stop workers with SIGTERM",
             file=sys.stderr,
         )
         return 1
-    workers = await reg.workers()
+    workers = [w for w in await reg.workers() if isinstance(w, WorkerInfo)]
     by_alias = {w.alias: w for w in workers}
     chosen: list[str] = []
     unknown: list[str] = []
@@ -166,74 +192,46 @@ async def _stop(loop: AsyncLoop, targets: Sequence[str], timeout: float) -> int:
             unknown.append(target)
     chosen = list(dict.fromkeys(chosen))
     for alias in unknown:
-        print(f"{alias}: no such worker (registered: {', '.join(by_alias) or 'none'})", file=sys.stderr)
+        registered = ", ".join(printable(a, 20) for a in by_alias) or "none"
+        print(f"{printable(alias, 20)}: no such worker (registered: {registered})", file=sys.stderr)
     if not chosen:
         if not unknown:
             print("no workers are registered")
         return 1 if unknown else 0
     sent = await reg.send(chosen, "stop")
-    ids = {by_alias[a].worker: a for a in sent}
-    print(f"stop sent to {', '.join(sent)}; waiting up to {timeout:g} s")
+    # follow each process, not only its registration: a worker that re-registers (after a
+    # long pause) is the same process under a new id, and gets the stop again
+    targets_left = {a: by_alias[a] for a in sent}
+    print(f"stop sent to {', '.join(printable(a, 20) for a in sent)}; waiting up to {timeout:g} s")
     deadline = time.monotonic() + timeout
-    remaining = set(ids)
-    while remaining and time.monotonic() < deadline:
+    while targets_left and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-        present = {w.worker for w in await reg.workers()}
-        for wid in sorted(remaining - present):
-            print(f"{ids[wid]}: stopped")
-        remaining &= present
-    for wid in sorted(remaining):
-        print(f"{ids[wid]}: still running after {timeout:g} s", file=sys.stderr)
-    return 1 if remaining or unknown else 0
+        present = [w for w in await reg.workers() if isinstance(w, WorkerInfo)]
+        for alias, w in list(targets_left.items()):
+            same = [
+                p
+                for p in present
+                if p.worker == w.worker or (_identity(w) is not None and _identity(p) == _identity(w))
+            ]
+            if not same:
+                print(f"{printable(alias, 20)}: stopped")
+                del targets_left[alias]
+            elif all(p.worker != w.worker for p in same):
+                again = same[0]
+                await reg.send([again.alias], "stop")  # the same process, re-registered
+                targets_left[alias] = again
+    for alias in targets_left:
+        print(f"{printable(alias, 20)}: still running after {timeout:g} s", file=sys.stderr)
+    return 1 if targets_left or unknown else 0
 
 
-async def status_data(loop: AsyncLoop) -> dict[str, Any]:
-    """What ``status`` prints, as data."""
-    stats = await loop._queue.stats()
-    reg = _registry(loop)
-    workers = await reg.workers() if reg is not None else []
-    return {
-        "name": loop.name,
-        "queue": {
-            "backend": loop.settings.queue.backend,
-            "location": loop._queue.location,
-            "ready": stats.ready,
-            "delayed": stats.delayed,
-            "leased": stats.leased,
-            "dead": stats.dead,
-            "durability": getattr(loop._queue, "durability", None),
-        },
-        "done": {
-            "backend": loop.settings.done.backend,
-            "location": loop._done.location,
-            "count": await loop._done.count(),
-        },
-        "workers": [
-            {
-                "alias": w.alias,
-                "role": w.role,
-                "worker": w.worker,
-                "host": w.info.get("host"),
-                "pid": w.info.get("pid"),
-                "state": w.info.get("state"),
-                "running": w.info.get("running"),
-                "succeeded": w.info.get("succeeded"),
-                "failed": w.info.get("failed"),
-                "rate": w.info.get("rate"),
-                "last_heartbeat_s": round(w.age, 1),
-            }
-            for w in workers
-        ],
-    }
-
-
-async def _status(loop: AsyncLoop, as_json: bool) -> int:
-    data = await status_data(loop)
+async def _status(name: str, store: Store, as_json: bool) -> int:
+    data = await status_data(name, store)
     if as_json:
         print(json.dumps(data, indent=2))
         return 0
     q, d = data["queue"], data["done"]
-    print(f"loop {data['name']!r}")
+    print(f"loop {printable(data['name'])!r}")
     print(
         f"queue: {q['backend']} at {q['location']}" + (f" (durability: {q['durability']})" if q["durability"] else "")
     )
@@ -241,9 +239,10 @@ async def _status(loop: AsyncLoop, as_json: bool) -> int:
     print(f"done set: {d['backend']} at {d['location']}: {d['count']} names")
     rows = [["id", "role", "host", "pid", "state", "running", "ok", "failed", "tasks/s", "heartbeat"]]
     for w in data["workers"]:
+        age = w["last_heartbeat_s"]
         rows.append(
             [str(w[k]) for k in ("alias", "role", "host", "pid", "state", "running", "succeeded", "failed", "rate")]
-            + [f"{w['last_heartbeat_s']:.1f}s ago"]
+            + [f"{age:.1f}s ago" if age is not None else "?"]
         )
     rate = sum(w["rate"] or 0 for w in data["workers"])
     print(f"throughput: {rate:.1f} tasks/s (all workers, last minute)")
@@ -257,15 +256,15 @@ async def _status(loop: AsyncLoop, as_json: bool) -> int:
     return 0
 
 
-async def _clear(loop: AsyncLoop, what: str, yes: bool, force: bool) -> int:
+async def _clear(name: str, store: Store, what: str, yes: bool, force: bool) -> int:
     what = "done" if what == "cache" else what
-    reg = _registry(loop)
+    reg = store.registry
     if reg is not None and not force:
-        workers = await reg.workers()
+        workers = [w for w in await reg.workers() if isinstance(w, WorkerInfo)]
         if workers:
             print(
                 f"refusing to clear: {len(workers)} workers are registered "
-                f"({', '.join(w.alias for w in workers)}); stop them or use --force",
+                f"({', '.join(printable(w.alias, 20) for w in workers)}); stop them or use --force",
                 file=sys.stderr,
             )
             return 1
@@ -273,79 +272,26 @@ async def _clear(loop: AsyncLoop, what: str, yes: bool, force: bool) -> int:
         if not sys.stdin.isatty():
             print("refusing to clear without confirmation: use --yes", file=sys.stderr)
             return 1
-        answer = await asyncio.to_thread(input, f"clear {what} of loop {loop.name!r}? [y/N] ")
+        answer = await asyncio.to_thread(input, f"clear {what} of loop {name!r}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing cleared")
             return 1
-    await loop.clear_data(what)
-    print(f"cleared {what} of loop {loop.name!r}")
+    await store.clear(what)
+    print(f"cleared {what} of loop {name!r}")
     return 0
 
 
-async def _dead(loop: AsyncLoop, limit: int, requeue: bool) -> int:
+async def _dead(store: Store, limit: int | None, requeue: bool) -> int:
     if requeue:
-        n = await loop._queue.requeue_dead()
+        n = await store.requeue_dead(limit)
         print(f"requeued {n} dead letters")
         return 0
-    for letter in await loop._queue.dead_letters(limit):
+    for letter in await store.dead_letters(20 if limit is None else limit):
         try:
             task = decode_task(letter.payload)
-            what = f"{task.handler}({mask_secrets(task.name) if task.name is not None else None!r})"
+            what = f"{printable(task.handler, 60)}({mask_secrets(task.name) if task.name is not None else None!r})"
         except DecodeError:
-            what = f"<undecodable {len(letter.payload)} bytes>"
-        last_line = letter.error.splitlines()[-1] if letter.error else ""
-        print(f"{letter.task_id}  {what}  failures={letter.failures}  {last_line}")
+            what = f"<undecodable {len(letter.payload) if isinstance(letter.payload, bytes) else '?'} bytes>"
+        first_line = letter.error.splitlines()[0] if isinstance(letter.error, str) and letter.error else ""
+        print(f"{letter.task_id}  {printable(what)}  failures={letter.failures}  {printable(first_line)}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The ``achihuo`` console script: manage a loop by NAME without the spider's source."""
-    from .async_loop import AsyncLoop
-    from .plugins import registry
-
-    parser = _Parser(prog="achihuo", description="Manage achihuo_mini loops without their source.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("backends", help="list installed backend plugins")
-    loops = sub.add_parser("loops", help="list the loops (NAMEs) that have data in a backend")
-    loops.add_argument("--backend", help="the backend to look in (else the config file's [queue], else sqlite)")
-    loops.add_argument("--config", help="TOML config file (its [queue] section says where to look)")
-    _add_commands(sub, named=True)
-    args = parser.parse_args(argv)
-    if args.command == "backends":
-        for spec in registry.specs():
-            print(f"{spec.name:10} {spec.scope:8} {spec.plugin:12} {spec.description}")
-        for name, error in registry.failed().items():
-            print(f"{name:10} FAILED   {error}")
-        return 0
-    if args.command == "loops":
-        return _list_loops(args.backend, args.config)
-    try:
-        cls = type("NamedLoop", (AsyncLoop,), {"NAME": args.name})
-        loop = cls(cache_backend=args.backend, config_file=args.config, debug=False)
-    except AchihuoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    args.config = None
-    return _run(loop, args)
-
-
-def _list_loops(backend: str | None, config: str | None) -> int:
-    from .config import load_settings
-
-    try:
-        side = load_settings(kwargs={}, cache_backend=backend, config_file=config).queue
-        spec = side.spec()
-        if spec.list_loops is None:
-            print(f"error: the {spec.name} backend cannot list its loops", file=sys.stderr)
-            return 1
-        names = asyncio.run(spec.list_loops(dict(side.options)))
-    except AchihuoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for name in names:
-        print(name)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

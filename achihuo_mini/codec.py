@@ -116,6 +116,20 @@ def _pack(value: Any) -> bytes:
         raise
 
 
+MAX_CONTAINERS = 100_000
+"""Lists and maps one decoded task may hold: a few bytes of msgpack can ask for millions of
+empty containers (hundreds of MiB of Python objects); such a task is undecodable instead."""
+
+_budget = threading.local()
+
+
+def _spend() -> None:
+    left = _budget.left - 1
+    if left < 0:
+        raise DecodeError(f"undecodable task: more than {MAX_CONTAINERS} lists and maps")
+    _budget.left = left
+
+
 def _ext_hook(code: int, data: bytes) -> Any:
     if code == _EXT_ITEM and not data:
         return _ITEM
@@ -123,16 +137,36 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 
 def _list_hook(values: list[Any]) -> Any:
+    _spend()
     if values and values[0] is _ITEM:
         if len(values) != 2 or type(values[1]) is not dict:
             raise DecodeError("undecodable task: malformed Item")
         return Item(values[1])
+    if _ITEM in values:
+        raise DecodeError("undecodable task: an Item marker outside an Item")
     return values
 
 
+def _object_hook(value: dict[Any, Any]) -> Any:
+    _spend()
+    for key, element in value.items():
+        if type(key) is not str:
+            raise DecodeError(f"undecodable task: a map key of type {type(key).__name__} (only str keys are stored)")
+        if element is _ITEM:
+            raise DecodeError("undecodable task: an Item marker outside an Item")
+    return value
+
+
 def _unpack(data: bytes) -> Any:
+    _budget.left = MAX_CONTAINERS
     return msgpack.unpackb(
-        data, ext_hook=_ext_hook, list_hook=_list_hook, raw=False, strict_map_key=True, use_list=True
+        data,
+        ext_hook=_ext_hook,
+        list_hook=_list_hook,
+        object_hook=_object_hook,
+        raw=False,
+        strict_map_key=False,  # keys are checked by _object_hook, with a better message
+        use_list=True,
     )
 
 
@@ -151,7 +185,45 @@ def encode_task(handler: str, name: str | None, args: tuple[Any, ...] | list[Any
     check_args(args)
     if name is not None and type(name) is not str:
         raise EncodeError(f"task_name must be a str or None, not {type(name).__name__}")
-    return _VERSION_BYTE + _pack([handler, name, list(args)])
+    try:
+        return _VERSION_BYTE + _pack([handler, name, list(args)])
+    except UnicodeEncodeError:
+        # a str with a lone surrogate (text decoded with 'surrogateescape', say): msgpack
+        # stores UTF-8, which has no such thing
+        raise EncodeError(_unencodable(handler, name, args)) from None
+
+
+def _unencodable(handler: str, name: str | None, args: tuple[Any, ...] | list[Any]) -> str:
+    """Where the str that UTF-8 cannot encode sits."""
+
+    def find(value: Any, path: str) -> str | None:
+        if type(value) is str:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return f"{path}: str {_short(value)} cannot be stored ({exc.reason}: lone surrogates are not text)"
+            return None
+        if type(value) is list:
+            items: Any = enumerate(value)
+        elif isinstance(value, dict):
+            for key in value:
+                found = find(key, f"{path} key")
+                if found:
+                    return found
+            items = value.items()
+        else:
+            return None
+        for k, element in items:
+            found = find(element, f"{path}[{k!r}]")
+            if found:
+                return found
+        return None
+
+    for value, path in ((handler, "generator_name"), (name, "task_name"), (list(args), "args")):
+        found = find(value, path)
+        if found:
+            return found.replace("args[", "args[", 1)
+    return "a str cannot be stored as UTF-8"
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,16 +233,25 @@ class DecodedTask:
     args: list[Any]
 
 
-def decode_task(payload: bytes) -> DecodedTask:
-    """Decode bytes written by :func:`encode_task`. Raises :class:`DecodeError` on anything else."""
+def decode_task(payload: bytes, max_size: int | None = None) -> DecodedTask:
+    """Decode bytes written by :func:`encode_task`. Raises :class:`DecodeError` on anything else.
+
+    ``max_size``: a payload longer than this is refused before it is parsed (the
+    ``max_task_size`` a loop accepts at ``add_task``).
+    """
+    if type(payload) is not bytes:
+        raise DecodeError(f"undecodable task: a {type(payload).__name__}, not bytes")
     if not payload[:1] == _VERSION_BYTE:
         raise DecodeError(f"unknown task format {payload[:1]!r} (this version reads format {FORMAT_VERSION})")
+    if max_size is not None and len(payload) > max_size:
+        raise DecodeError(f"undecodable task: {len(payload)} bytes, over max_task_size ({max_size})")
     try:
         handler, name, args = _unpack(payload[1:])
     except DecodeError:
         raise
     except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise DecodeError(f"undecodable task: {type(exc).__name__}: {exc}") from exc
+        reason = str(exc) or {"StackError": "nested too deeply"}.get(type(exc).__name__, "malformed")
+        raise DecodeError(f"undecodable task: {type(exc).__name__}: {reason}") from exc
     if type(handler) is not str or not (name is None or type(name) is str) or type(args) is not list:
         raise DecodeError("undecodable task: wrong field types")
     return DecodedTask(handler, name, args)

@@ -8,6 +8,7 @@
     ├── PluginError                       two plugins claim one name / a plugin failed to load
     ├── HandlerError (ValueError)         add_task named something that is not a handler
     ├── EncodeError (TypeError)           add_task args that cannot be stored; names the path
+    ├── TaskTooLarge (ValueError)         an encoded task over the max_task_size option
     ├── DecodeError (ValueError)          bytes read from a backend that are not a task
     ├── BackendError                      a backend failed; the driver's error is chained
     │   └── BackendUnavailable (ConnectionError)   it cannot be reached (yet)
@@ -32,6 +33,7 @@ __all__ = [
     "PluginError",
     "RequestError",
     "Retry",
+    "TaskTooLarge",
 ]
 
 
@@ -57,6 +59,10 @@ class HandlerError(AchihuoError, ValueError):
 
 class EncodeError(AchihuoError, TypeError):
     """Task arguments contain a value that cannot be stored without pickle."""
+
+
+class TaskTooLarge(AchihuoError, ValueError):
+    """An encoded task is larger than the ``max_task_size`` option allows."""
 
 
 class DecodeError(AchihuoError, ValueError):

@@ -68,7 +68,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -76,9 +76,6 @@ from multidict import CIMultiDictProxy
 
 from .errors import RequestError
 from .masking import mask_secrets, mask_url
-
-if TYPE_CHECKING:
-    from .async_loop import AsyncLoop
 
 __all__ = [
     "BACKOFF_BASE",
@@ -464,30 +461,34 @@ class HttpClient:
     closed by :meth:`close` (the loop calls it when it stops).
     """
 
-    def __init__(self, loop: AsyncLoop) -> None:
-        opts = loop.settings.loop
-        self.loop = loop
-        self.user_agent: str = opts["user_agent"] or DEFAULT_USER_AGENT
-        self.timeout: float = opts["request_timeout"]
-        self.max_body: int = opts["max_body_size"]
-        self.per_host_limit: int = max(0, opts["per_host_limit"])
-        self.per_host_delay: float = max(0.0, opts["per_host_delay"])
-        self.pool_size: int = max(1, loop.concurrency)
-        extra = getattr(type(loop), "HTTP_HEADERS", None) or {}
-        self.headers: dict[str, str] = {**DEFAULT_HEADERS, **_clean_headers(extra)}
-        if opts["user_agent"] or "user-agent" not in {k.lower() for k in self.headers}:
+    def __init__(
+        self,
+        name: str,
+        options: Mapping[str, Any],
+        *,
+        pool_size: int = 10,
+        headers: Mapping[str, str] | None = None,
+        check_html: Callable[[str], Any] | None = None,
+    ) -> None:
+        """``options``: the loop options ``user_agent``, ``request_timeout``, ``max_body_size``,
+        ``per_host_limit`` and ``per_host_delay``; ``headers``: the spider's defaults
+        (``HTTP_HEADERS``); ``check_html``: a function of the text that may reject a body."""
+        self.name = name
+        self.user_agent: str = options.get("user_agent") or DEFAULT_USER_AGENT
+        self.timeout: float = float(options.get("request_timeout") or 30.0)
+        self.max_body: int = int(options.get("max_body_size") or 0)
+        self.per_host_limit: int = max(0, int(options.get("per_host_limit") or 0))
+        self.per_host_delay: float = max(0.0, float(options.get("per_host_delay") or 0.0))
+        self.pool_size: int = max(1, pool_size)
+        self.headers: dict[str, str] = {**DEFAULT_HEADERS, **_clean_headers(headers or {})}
+        if options.get("user_agent") or "user-agent" not in {k.lower() for k in self.headers}:
             self.headers["User-Agent"] = self.user_agent
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._hosts: dict[str, _Host] = {}
         self._prune_at = _PRUNE_AT
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
-        from .async_loop import AsyncLoop
-
-        # the loop's check_html, unless it is AsyncLoop's own (which accepts everything)
-        checker = getattr(loop, "check_html", None)
-        default = getattr(checker, "__func__", None) is AsyncLoop.check_html
-        self.check_html: Callable[[str], Any] | None = None if default else checker
+        self.check_html = check_html
 
     def session(self) -> aiohttp.ClientSession:
         """The loop's session; created now if there is none in the running event loop."""
@@ -498,7 +499,7 @@ class HttpClient:
         if self._session is not None and (self._session.closed or self._session_loop is not running):
             if not self._session.closed:
                 # it cannot be closed from here: its connections belong to the other event loop
-                log.warning("%s: an HTTP session of an earlier event loop was left open; starting anew", self.loop.name)
+                log.warning("%s: an HTTP session of an earlier event loop was left open; starting anew", self.name)
                 self._session.detach()
             self._session = None
             self._hosts.clear()  # their semaphores belong to the old event loop

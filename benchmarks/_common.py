@@ -6,9 +6,12 @@ import os
 import platform
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from achihuo_mini import AsyncLoop
+from achihuo_mini._store import Store
 
 DEFAULT_REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -36,6 +39,17 @@ def make_loop(name: str, config: Path, concurrency: int = 32) -> AsyncLoop:
     cls = type("NoOp", (NoOp,), {"NAME": name})
     loop: AsyncLoop = cls(concurrency=concurrency, config_file=config, debug=False, progress_interval=0)
     return loop
+
+
+@asynccontextmanager
+async def store_of(loop: AsyncLoop) -> AsyncIterator[Store]:
+    """The loop's queue and done set (as its settings say), opened to look at or clear."""
+    store = Store(loop.name, loop.settings)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 def machine() -> str:

@@ -328,13 +328,7 @@ async def achihuo(base: str, n: int, concurrency: int, backend: str, redis_url: 
     try:
         summary = await spider.serve(idle_exit=0)
     finally:
-        await spider._open()
-        try:
-            await spider._queue.clear("queue")
-            await spider._queue.clear("dead")
-            await spider._done.clear()
-        finally:
-            await spider._close_backends()
+        await spider.clear_data("all")
     assert summary.failed == 0 and summary.buried == 0, f"{backend}: {summary}"
     assert spider.count == len(spider.fetched) == summary.succeeded, (
         f"{backend}: {spider.count} fetches of {len(spider.fetched)} pages ({summary.succeeded} tasks)"

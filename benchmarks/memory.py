@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import DEFAULT_REDIS_URL, machine, make_loop, table, unique_name, write_config
+from _common import DEFAULT_REDIS_URL, machine, make_loop, store_of, table, unique_name, write_config
 
 from achihuo_mini import Task
 from achihuo_mini.codec import encode_task, name_key
@@ -66,11 +66,11 @@ def memory_status() -> dict[str, int]:
 async def child(mode: str, n: int) -> dict[str, int]:
     with tempfile.TemporaryDirectory() as tmp:
         loop = make_loop(unique_name("bench-memory"), write_config(Path(tmp) / "memory.toml", "memory"))
-        await loop._open()
         held: Any = None
         if mode == "tasks":
-            await loop.add_tasks(Task("noop", i) for i in range(n))
-            stats = await loop._queue.stats()
+            async with store_of(loop) as store:  # the memory backend: the data lives in this process
+                await loop.add_tasks(Task("noop", i) for i in range(n))
+                stats = await store.stats()
             assert stats.ready == n, f"{stats.ready} of {n} queued"
         elif mode == "payloads":
             held = [encode_task("noop", None, (i,)) for i in range(n)]

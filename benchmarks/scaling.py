@@ -34,7 +34,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from _common import DEFAULT_REDIS_URL, machine, make_loop, table, unique_name, write_config
+from _common import DEFAULT_REDIS_URL, machine, make_loop, store_of, table, unique_name, write_config
 
 from achihuo_mini import Task
 from achihuo_mini.codec import encode_task
@@ -58,32 +58,19 @@ async def prefill(name: str, config: Path, n: int) -> float:
     loop = make_loop(name, config)
     started = time.perf_counter()
     await loop.add_tasks(Task("noop", i) for i in range(n))
-    elapsed = time.perf_counter() - started
-    await loop._close_backends()
-    return elapsed
+    return time.perf_counter() - started
 
 
 async def queue_state(name: str, config: Path) -> tuple[int, int]:
     """(active, dead) tasks of the loop."""
-    loop = make_loop(name, config)
-    await loop._open()
-    try:
-        stats = await loop._queue.stats()
-    finally:
-        await loop._close_backends()
+    async with store_of(make_loop(name, config)) as store:
+        stats = await store.stats()
     return stats.active, stats.dead
 
 
 async def cleanup(name: str, config: Path, redis_url: str) -> int:
     """Clear the loop's data; return how many of its keys are left (should be 0)."""
-    loop = make_loop(name, config)
-    await loop._open()
-    try:
-        await loop._queue.clear("queue")
-        await loop._queue.clear("dead")
-        await loop._done.clear()
-    finally:
-        await loop._close_backends()
+    await make_loop(name, config).clear_data("all")
     import redis.asyncio as aredis
 
     client = aredis.from_url(redis_url)
@@ -115,20 +102,16 @@ def children_cpu() -> float:
 
 async def watch(name: str, config: Path, n: int, started: float, interval: float = 0.01) -> tuple[float, float]:
     """Poll the queue: seconds from ``started`` until the first task is taken, and until the queue is empty."""
-    loop = make_loop(name, config)
-    await loop._open()
     first = None
-    try:
+    async with store_of(make_loop(name, config)) as store:
         while True:
-            stats = await loop._queue.stats()
+            stats = await store.stats()
             now = time.perf_counter()
             if first is None and stats.ready < n:
                 first = now - started
             if stats.active == 0:
                 return (first if first is not None else now - started), now - started
             await asyncio.sleep(interval)
-    finally:
-        await loop._close_backends()
 
 
 def run_workers(

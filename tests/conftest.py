@@ -9,12 +9,14 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from achihuo_mini._store import Store
 from achihuo_mini.plugins import registry
 
 BACKENDS = registry.names()
@@ -116,6 +118,17 @@ def _isolated_data_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: py
     """Default SQLite files go to a temporary XDG_DATA_HOME, never the user's."""
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
     monkeypatch.delenv("ACHIHUO_CONFIG", raising=False)
+
+
+@asynccontextmanager
+async def store_of(loop: Any) -> AsyncIterator[Store]:
+    """The backends of ``loop`` (its queue and done set, as its settings say), opened for a test to look at."""
+    store = Store(loop.name, loop.settings)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 def write_backend_config(path: Path, backend: str, options: dict[str, Any], loop: dict[str, Any] | None = None) -> Path:

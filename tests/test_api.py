@@ -17,6 +17,7 @@ from achihuo_mini import (
     Item,
     PluginError,
 )
+from achihuo_mini._store import Store
 from achihuo_mini.codec import decode_task, encode_task, name_key
 from achihuo_mini.errors import DecodeError
 from achihuo_mini.plugins import BackendSpec, Registry, hookimpl, registry
@@ -193,7 +194,7 @@ def test_default_backend_is_sqlite_in_the_data_dir(tmp_path: Path) -> None:
     assert loop.settings.queue.backend == "sqlite" and loop.settings.done.backend == "sqlite"
     import os
 
-    assert loop._queue.location.startswith(os.environ["XDG_DATA_HOME"])
+    assert Store(loop.name, loop.settings).queue.location.startswith(os.environ["XDG_DATA_HOME"])
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -237,7 +238,7 @@ def test_section_backend_overrides_cache_backend(tmp_path: Path) -> None:
         ("[loop]\nconcurrency = 'many'", "'concurrency': expected an integer, got str 'many'"),
         ("[loop]\nconcurency = 3", "unknown option 'concurency'"),
         ("[loop]\nconcurrency = 0", "at least 1"),
-        ("[loop]\ngrace_period = -1", "must not be negative"),
+        ("[loop]\ngrace_period = -1", "must be at least 0"),
         ("[loop]\ntask_timeout = 0", "'task_timeout': must be more than 0"),
         ("[loop]\nflush_interval = 0", "'flush_interval': must be more than 0"),
         ("[queu]\nbackend = 'memory'", "unknown section [queu]"),

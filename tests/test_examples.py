@@ -17,6 +17,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from demo_site import make_app, serve_in_thread  # noqa: E402, F401 - re-exported for test_cli
 
+from .conftest import store_of  # noqa: E402
+
 
 @pytest.fixture
 async def site() -> AsyncIterator[str]:
@@ -109,21 +111,18 @@ async def test_mixed_backends_queue_in_redis_done_set_in_sqlite(
     cls = type("MixedSpider", (DemoSpider,), {"NAME": f"mixed-{uuid.uuid4().hex[:8]}"})
     spider = cls(site)
     assert (spider.settings.queue.backend, spider.settings.done.backend) == ("redis", "sqlite")
-    assert not spider._shared, "different backends: the loop writes done names before acks"
     try:
         summary = await spider.serve(idle_exit=0)
         assert summary.succeeded == 61 and summary.exit_code == 0
-        await spider._open()
-        assert await spider._done.count() == 61, "the index and 60 pages, each done once"
-        assert (await spider._queue.stats()).active == 0
+        async with store_of(spider) as store:
+            assert not store.shared, "different backends: the loop writes done names before acks"
+            assert await store.done.count() == 61, "the index and 60 pages, each done once"
+            assert (await store.stats()).active == 0
         assert (tmp_path / "done.sqlite3").exists()
         again = await spider.serve(idle_exit=0)
         assert again.succeeded == 0, "run() seeds '/' with repeat=False: done in SQLite, so skipped"
     finally:
-        await spider._open()
-        await spider._queue.clear("queue")
-        await spider._done.clear()
-        await spider._close_backends()
+        await spider.clear_data("all")
 
 
 @pytest.mark.processes

@@ -43,9 +43,17 @@ MakeLoop = Callable[..., Any]
 
 
 def client_of(loop: AsyncLoop) -> HttpClient | None:
-    """The loop's HTTP client, if it made one."""
-    client: HttpClient | None = loop._http
+    """The loop's HTTP client, if it made one (white box: the loop keeps it in its core)."""
+    client: HttpClient | None = loop._AsyncLoop__core.http  # type: ignore[attr-defined]
     return client
+
+
+async def close_http(loop: AsyncLoop) -> None:
+    """Close the loop's HTTP client, as serve() does when it ends."""
+    core = loop._AsyncLoop__core  # type: ignore[attr-defined]
+    http, core.http = core.http, None
+    if http is not None:
+        await http.close()
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +91,7 @@ async def make_loop() -> AsyncIterator[MakeLoop]:
 
     yield make
     for loop in made:
-        await loop._close_http()
+        await close_http(loop)
         drop_namespace(loop.name)
 
 
@@ -167,7 +175,7 @@ async def test_legacy_keywords(site: Site, make_loop: MakeLoop) -> None:
         resp = await loop.async_web_request(Item(url=site.url + "echo"), session=own)
         assert resp.json()["headers"]["X-Own"] == "session"
         assert not own.closed
-    assert loop._http is not None and not loop._http.session_open, "the loop's session was not needed"
+    assert client_of(loop) is not None and not client_of(loop).session_open, "the loop's session was not needed"
     echo = (await loop.async_web_request(Item(url=site.url + "echo"), keep_alive=False)).json()
     assert echo["headers"]["Connection"] == "close"
     resp = await loop.async_web_request(Item(url=site.url + "check/legacy?bad=1"), check_html=lambda t: "good" in t)
@@ -355,7 +363,7 @@ async def test_per_host_limit_holds_for_concurrent_requests(site: Site, make_loo
     assert [a.text for a in answers] == ["done"] * 50
     assert site.peak[f"127.0.0.1:{port}"] == 3, "the limit was reached, never passed"
     assert site.peak[f"localhost:{port}"] == 3, "each host has its own limit"
-    assert loop._http._hosts == {}, "idle per-host state is dropped"
+    assert client_of(loop)._hosts == {}, "idle per-host state is dropped"
 
 
 async def test_without_a_limit_requests_overlap(site: Site, make_loop: MakeLoop) -> None:
@@ -494,7 +502,7 @@ async def test_one_session_per_loop_sized_to_concurrency(site: Site, make_loop: 
     assert client._session_loop is asyncio.get_running_loop()
     await asyncio.gather(*(loop.async_web_request(Item(url=site.url + "echo")) for _ in range(10)))
     assert client_of(loop) is client and client._session is session, "one session for every request"
-    await loop._close_http()
+    await close_http(loop)
     assert session.closed and client_of(loop) is None
     await loop.async_web_request(Item(url=site.url + "echo"))
     again = client_of(loop)
@@ -517,7 +525,7 @@ class Crawler(AsyncLoop):
 
     async def get_page(self, item: Item) -> None:
         resp = await self.async_web_request(item)
-        self.session = self._http._session
+        self.session = client_of(self)._session
         self.sessions.add(id(self.session))
         match = re.search(r"<h1>(.+?)</h1>", resp.text)
         assert match is not None
@@ -555,4 +563,4 @@ async def test_serve_crawls_a_site_once_and_closes_the_session(make_loop: MakeLo
     for n in range(PAGES):
         assert loop.titles[f"{start}t/{n}"] == f"话题 {n}", "GBK pages (every third) decode too"
     assert len(loop.sessions) == 1, "one session for the whole crawl"
-    assert loop.session.closed and loop._http is None, "the session is closed when the loop stops"
+    assert loop.session.closed and client_of(loop) is None, "the session is closed when the loop stops"

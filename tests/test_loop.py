@@ -11,7 +11,7 @@ from achihuo_mini import AsyncLoop, Item, Retry, Task
 from achihuo_mini.backend import NewTask
 from achihuo_mini.codec import decode_task, encode_task, name_key
 
-from .conftest import SpiderFactory
+from .conftest import SpiderFactory, store_of
 
 
 class Recorder(AsyncLoop):
@@ -202,11 +202,8 @@ async def test_failing_task_retries_then_dead_letters(spiders: SpiderFactory) ->
     assert "ValueError: broken page 42" in letter.error
     assert decode_task(letter.payload).name == "always"
     assert letter.failures == 3
-    await loop._open()
-    try:
-        assert await loop._done.contains([name_key("twice"), name_key("always")]) == [True, False]
-    finally:
-        await loop._close_backends()
+    async with store_of(loop) as store:
+        assert await store.done.contains([name_key("twice"), name_key("always")]) == [True, False]
 
 
 async def test_per_handler_retry_limit(memory_spiders: SpiderFactory) -> None:
@@ -237,19 +234,13 @@ async def test_task_timeout_fails_the_task(memory_spiders: SpiderFactory) -> Non
 
 
 async def _dead_letters(loop: AsyncLoop) -> list[Any]:
-    await loop._open()
-    try:
-        return await loop._queue.dead_letters()
-    finally:
-        await loop._close_backends()
+    async with store_of(loop) as store:
+        return await store.queue.dead_letters()
 
 
 async def _push_raw(loop: AsyncLoop, tasks: list[NewTask]) -> None:
-    await loop._open()
-    try:
-        await loop._queue.push(tasks)
-    finally:
-        await loop._close_backends()
+    async with store_of(loop) as store:
+        await store.queue.push(tasks)
 
 
 async def test_poison_entries_are_buried_and_the_loop_goes_on(spiders: SpiderFactory) -> None:
@@ -437,9 +428,10 @@ async def test_rolling_deploy_leaves_new_handlers_to_workers_that_have_them(spid
     new_serving = asyncio.ensure_future(new.serve(slave=True))
     await asyncio.wait_for(New.entered.wait(), 30)  # the new worker is busy: the old one gets the v2 task
     old_serving = asyncio.ensure_future(old.serve(idle_exit=0.3))
-    while not old._parked:
-        assert not old_serving.done(), "the old worker ended without holding the task back"
-        await asyncio.sleep(0.01)
+    async with store_of(old) as store:
+        while (await store.stats()).delayed == 0:  # the old worker releases it with a delay, not to the head
+            assert not old_serving.done(), "the old worker ended without holding the task back"
+            await asyncio.sleep(0.01)
     New.gate.set()
     old_summary = await asyncio.wait_for(old_serving, 30)
     new.stop()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from achihuo_mini import AsyncLoop
-from achihuo_mini.cli import main
+from achihuo_mini.__main__ import main
 from achihuo_mini.config import build_backend_options
 from achihuo_mini.plugins import BackendSpec, hookimpl, registry
 

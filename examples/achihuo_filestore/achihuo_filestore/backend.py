@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from achihuo_mini.backend import Commit, DeadLetter, DoneSetBackend, Lease, NewTask, QueueStats, WorkerInfo
+from achihuo_mini.backend_kit import default_data_dir, safe_filename
 from achihuo_mini.errors import BackendError, BackendUnavailable, ConfigError
-from achihuo_mini.plugins import default_data_dir, safe_filename
 
 from . import journal as journal_module
 from .journal import Journal
@@ -114,8 +114,12 @@ class FileQueue(_FileBackend):
     async def commit(self, commits: Sequence[Commit]) -> int:
         return await self._write(lambda s, now: s.commit(commits, now)) if commits else 0
 
-    async def release(self, leases: Sequence[Lease]) -> int:
-        return await self._write(lambda s, now: s.release(leases)) if leases else 0
+    async def release(self, leases: Sequence[Lease], delay: float = 0.0) -> int:
+        if not leases:
+            return 0
+        if delay > 0:  # held back: to the tail after the delay, no failure counted
+            return await self._write(lambda s, now: s.hold(leases, now + delay))
+        return await self._write(lambda s, now: s.release(leases))
 
     async def retry(self, items: Sequence[tuple[Lease, float]]) -> int:
         return await self._write(lambda s, now: s.retry(items, now)) if items else 0

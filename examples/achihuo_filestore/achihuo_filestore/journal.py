@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from achihuo_mini.backend_kit import private_dir
 from achihuo_mini.errors import BackendError, BackendUnavailable
 
 from .state import Record, State, pack, unpack
@@ -75,7 +76,7 @@ class Journal:
         if self._lock_fd >= 0:
             return
         if not self.directory.is_dir():
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_dir(self.directory)  # every folder it creates 0700, whatever the umask
             _fsync_dir(self.directory.parent)
         self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

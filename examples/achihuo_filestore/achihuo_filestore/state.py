@@ -14,6 +14,7 @@ are msgpack lists (``key`` is a 16-byte digest or None, times are unix seconds):
 ``["commit", [[task_id, done, undone, entries]...]]``  only the commits that were applied
 ``["release", task_ids]``                              to the head, in order
 ``["retry", [[task_id, due]...]]`` / ``["bury", [[task_id, error]...]]``
+``["hold", [[task_id, due]...]]``                      a release with a delay: no failure counted
 ``["requeue", n]`` / ``["clear", "queue"|"dead"|"done"]`` / ``["add", keys]`` / ``["remove", keys]``
 ``["register", worker, role, alias, info, now, ttl]`` / ``["heartbeat", worker, info, now, ttl]``
 ``["send", workers, command]`` / ``["drop", workers, task_ids]``  (unregister, recover)
@@ -31,6 +32,7 @@ from typing import Any
 
 import msgpack
 from achihuo_mini.backend import Commit, DeadLetter, Lease, NewTask, QueueStats, WorkerInfo
+from achihuo_mini.backend_kit import alias_order, lowest_free_alias
 
 __all__ = ["ERROR_LIMIT", "Record", "State", "pack", "unpack"]
 
@@ -69,10 +71,6 @@ class _Worker:
     ttl: float
     last_seen: float
     mailbox: list[str] = field(default_factory=list)
-
-
-def _alias_order(alias: str) -> tuple[str, int]:
-    return alias[:1], int(alias[1:]) if alias[1:].isdigit() else 0
 
 
 def _plain(info: Mapping[str, Any]) -> Any:
@@ -190,6 +188,10 @@ class State:
         self._unlease(tid).failures += 1
         heapq.heappush(self.delayed, (due, tid))
 
+    def _hold(self, tid: int, due: float) -> None:
+        self._unlease(tid)
+        heapq.heappush(self.delayed, (due, tid))
+
     def _bury(self, tid: int, error: str) -> None:
         self._unlease(tid)
         task = self._forget(tid)
@@ -236,6 +238,9 @@ class State:
             case ["retry", items]:
                 for tid, due in items:
                     self._retry(tid, due)
+            case ["hold", items]:
+                for tid, due in items:
+                    self._hold(tid, due)
             case ["bury", items]:
                 for tid, error in items:
                     self._bury(tid, error)
@@ -311,6 +316,15 @@ class State:
         self._to_head(tids)
         return len(tids), ["release", tids] if tids else None
 
+    def hold(self, leases: Sequence[Lease], due: float) -> tuple[int, Record | None]:
+        """Release with a delay: ready at the tail at ``due``, the failure count unchanged."""
+        done = []
+        for lease in leases:
+            if self.held(lease):
+                self._hold(lease.task_id, due)
+                done.append([lease.task_id, due])
+        return len(done), ["hold", done] if done else None
+
     def retry(self, items: Sequence[tuple[Lease, float]], now: float) -> tuple[int, Record | None]:
         done = []
         for lease, delay in items:
@@ -348,9 +362,7 @@ class State:
         return len(present), ["remove", present] if present else None
 
     def register(self, worker: str, role: str, info: Mapping[str, Any], ttl: float, now: float) -> tuple[str, Record]:
-        prefix = "m" if role == "master" else "s"
-        taken = {w.alias for wid, w in self.workers.items() if wid != worker}
-        alias = next(f"{prefix}{i}" for i in itertools.count(1) if f"{prefix}{i}" not in taken)
+        alias = lowest_free_alias(role, (w.alias for wid, w in self.workers.items() if wid != worker))
         rec = ["register", worker, role, alias, _plain(info), now, float(ttl)]
         self.apply(rec)
         return alias, rec
@@ -412,7 +424,7 @@ class State:
             WorkerInfo(wid, w.alias, w.role, dict(w.info), max(now - w.last_seen, 0.0))
             for wid, w in self.workers.items()
         ]
-        return sorted(found, key=lambda w: _alias_order(w.alias))
+        return sorted(found, key=lambda w: alias_order(w.alias))
 
     def next_due(self) -> float | None:
         return self.delayed[0][0] if self.delayed else None

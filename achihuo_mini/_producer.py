@@ -1,0 +1,384 @@
+"""Producing tasks: checking and encoding adds, routing them to an outbox, the local dedup cache.
+
+:class:`Producer` is what ``add_task``, ``add_tasks``, ``task_done``, ``uncache_task`` and
+``flush`` delegate to. :class:`HandlerTable` says which names are handlers (for adds and
+for tasks read back from the queue). :class:`DoneCache` is the one speed shortcut of the
+producer, built so that it cannot disagree with the backend: it holds only names that
+this process itself wrote to the done set (a successful ``task_done`` commit), each
+until ``dedup_cache_ttl`` has passed, checked at every lookup. Pending names are never
+cached: whether a name is pending changes with every ack anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ._outbox import CURRENT, Outbox
+from ._store import Backoff, BlockingWriter, Store
+from .backend import NewTask, name_key
+from .codec import encode_task
+from .errors import BackendError, EncodeError, HandlerError, TaskTooLarge
+
+__all__ = ["DoneCache", "HandlerTable", "Producer", "Serving", "Task"]
+
+BULK_CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task for :meth:`AsyncLoop.add_tasks`; the arguments mean what they mean in ``add_task``."""
+
+    generator_name: str
+    args: tuple[Any, ...]
+    task_name: str | None = None
+    repeat: bool = True
+    priority: bool | int = False
+    delay: float | None = None
+
+    def __init__(
+        self,
+        generator_name: str,
+        *args: Any,
+        task_name: str | None = None,
+        repeat: bool = True,
+        priority: bool | int = False,
+        delay: float | None = None,
+    ) -> None:
+        object.__setattr__(self, "generator_name", generator_name)
+        object.__setattr__(self, "args", args)
+        object.__setattr__(self, "task_name", task_name)
+        object.__setattr__(self, "repeat", repeat)
+        object.__setattr__(self, "priority", priority)
+        object.__setattr__(self, "delay", delay)
+
+
+class HandlerTable:
+    """The handlers of one spider: public coroutine methods its class defines beyond the framework's.
+
+    ``framework`` are the names the base class defines (``run``, ``stop``, ``add_task`` …):
+    never handlers, and never run for a task read from the queue, whatever a peer says.
+    """
+
+    def __init__(self, spider: object, framework: frozenset[str]) -> None:
+        cls = type(spider)
+        self.spider = spider
+        self.framework = framework
+        self.owner = cls.__name__
+        self.names = frozenset(
+            name
+            for name in dir(cls)
+            if not name.startswith("_")
+            and name not in framework
+            and inspect.iscoroutinefunction(getattr(cls, name, None))
+        )
+        self.aliases: dict[str, str] = dict(getattr(cls, "HANDLER_ALIASES", {}) or {})
+        self.max_retries: dict[str, int] = dict(getattr(cls, "HANDLER_MAX_RETRIES", {}) or {})
+
+    def check(self, name: Any) -> str:
+        """``name`` if an add may name it; else :class:`HandlerError` naming it."""
+        if type(name) is str and (name in self.names or name in self.aliases):
+            return name
+        if not isinstance(name, str):
+            raise HandlerError(
+                f"add_task: generator_name must be the NAME of a handler (a str), not {type(name).__name__}"
+            )
+        known = ", ".join(sorted(self.names)) or "none"
+        raise HandlerError(
+            f"{name!r} is not a handler of {self.owner}: a handler is a public "
+            f"coroutine method defined on the subclass (handlers: {known})"
+        )
+
+    def resolve(self, name: str) -> Callable[..., Awaitable[Any]] | None:
+        """The bound handler for a name read from the queue (untrusted), or None."""
+        name = self.aliases.get(name, name)
+        if name not in self.names:
+            return None
+        return getattr(self.spider, name)  # type: ignore[no-any-return]
+
+    def impossible(self, name: str) -> bool:
+        """Names no loop can have as a handler: private ones and the framework's own."""
+        return not name or name.startswith("_") or name in self.framework
+
+    def retries(self, name: str, default: int) -> int:
+        """The retry limit of handler ``name`` (``HANDLER_MAX_RETRIES``, else the loop's)."""
+        name = self.aliases.get(name, name)
+        value = self.max_retries.get(name, default)
+        return value if type(value) is int and value >= 0 else default
+
+
+class DoneCache:
+    """Names this process wrote to the done set, each until a deadline checked at lookup.
+
+    A ``repeat=False`` add of such a name is dropped at once: the backend would drop it
+    too (it is done). The one window left is documented: another process may remove the
+    name (``uncache_task``, ``clear done``) and this one still drops it until the entry
+    expires. A removal this process made is honoured at once, also while it is unwritten.
+    """
+
+    __slots__ = ("_removing", "names", "size", "ttl")
+
+    def __init__(self, size: int, ttl: float) -> None:
+        self.size = size
+        self.ttl = ttl
+        self.names: dict[str, float] = {}  # name -> monotonic deadline, oldest first
+        self._removing: dict[str, int] = {}  # names whose removal this process has not written yet
+
+    def hit(self, name: str) -> bool:
+        deadline = self.names.get(name)
+        if deadline is None:
+            return False
+        if deadline < time.monotonic():
+            del self.names[name]
+            return False
+        return name not in self._removing
+
+    def removing(self, names: Iterable[str]) -> None:
+        """``uncache_task`` was called: forget the names now, and until the removal is written."""
+        for name in names:
+            self.names.pop(name, None)
+            self._removing[name] = self._removing.get(name, 0) + 1
+
+    def written(self, outboxes: Iterable[Outbox], learn: bool = True) -> None:
+        """``outboxes`` were written (``learn``), or dropped, or written only in part (not ``learn``)."""
+        names, removing = self.names, self._removing
+        deadline = time.monotonic() + self.ttl
+        for outbox in outboxes:
+            for name in outbox.removed:
+                left = removing.get(name, 0) - 1
+                if left > 0:
+                    removing[name] = left
+                else:
+                    removing.pop(name, None)
+            if learn and self.size:
+                for name, done in outbox.names.items():
+                    names.pop(name, None)
+                    if done:
+                        names[name] = deadline
+        if len(names) > self.size:  # forget the oldest half
+            for name in list(itertools.islice(names, len(names) - self.size // 2)):
+                del names[name]
+
+    def clear(self) -> None:
+        self.names.clear()
+
+
+class Serving(Protocol):
+    """What the producer needs from a loop that is serving in the running event loop."""
+
+    aloop: asyncio.AbstractEventLoop
+    backoff: Backoff
+    stopping: bool
+
+    def kick(self) -> None: ...
+
+    def added(self, n: int) -> None: ...
+
+
+class Producer:
+    """Checks, encodes and routes what a spider writes (see the module docstring)."""
+
+    def __init__(
+        self, handlers: HandlerTable, store: Store, make_store: Callable[[], Store], options: Mapping[str, Any]
+    ) -> None:
+        self.handlers = handlers
+        self.outbox = Outbox()  # writes made in an event loop outside handlers
+        self.serving: Serving | None = None
+        self.deduplicated = 0
+        self._make_store = make_store
+        self.blocking = BlockingWriter(make_store)
+        self.reconfigure(store, options)
+
+    def reconfigure(self, store: Store, options: Mapping[str, Any]) -> None:
+        """New settings (the command line's): a new store; buffered writes are kept."""
+        self.store = store
+        self.cache = DoneCache(int(options["dedup_cache"]), float(options["dedup_cache_ttl"]))
+        self.max_task_size = int(options["max_task_size"])
+        self.blocking.close()
+        self.blocking = BlockingWriter(self._make_store)
+
+    # -- building tasks --------------------------------------------------------------
+
+    def new_task(
+        self,
+        generator_name: str,
+        args: tuple[Any, ...] | list[Any],
+        task_name: str | None,
+        repeat: bool,
+        priority: bool | int,
+        delay: float | None,
+    ) -> NewTask | None:
+        """The task to push, or None when the dedup cache drops a ``repeat=False`` name."""
+        handlers = self.handlers
+        if type(generator_name) is not str or generator_name not in handlers.names:
+            handlers.check(generator_name)  # raises, unless it is an alias
+        if task_name is not None and type(task_name) is not str:
+            if not isinstance(task_name, str):
+                raise TypeError(f"add_task: task_name must be a str or None, not {type(task_name).__name__}")
+            task_name = str(task_name)
+        if repeat is not True and repeat is not False:
+            raise TypeError(f"add_task: repeat must be True or False, not {repeat!r}")
+        if priority is not False and not isinstance(priority, int):
+            raise TypeError(f"add_task: priority must be a bool or an int, not {priority!r}")
+        if delay is not None:
+            if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not (0 <= delay < 1e9):
+                raise ValueError(f"add_task: delay must be a number of seconds from 0 to 1e9, not {delay!r}")
+        if not repeat and task_name is not None and self.cache.hit(task_name):
+            # dropped before its arguments are looked at: nothing is stored, and the first
+            # add of every name (never a cache hit) checks them
+            self.deduplicated += 1
+            return None
+        payload = encode_task(generator_name, task_name, args)
+        if len(payload) > self.max_task_size:
+            raise TaskTooLarge(
+                f"add_task: task {generator_name!r} is {len(payload)} bytes encoded, over max_task_size "
+                f"({self.max_task_size} bytes); pass a reference (a URL, a file name) instead of the data"
+            )
+        key = name_key(task_name) if task_name is not None else None
+        return NewTask(payload, key, not repeat and key is not None, bool(priority), float(delay or 0))
+
+    def add(
+        self,
+        generator_name: str,
+        args: tuple[Any, ...],
+        task_name: str | None,
+        repeat: bool,
+        priority: bool | int,
+        delay: float | None,
+    ) -> None:
+        if (
+            repeat is False
+            and type(task_name) is str
+            and task_name in self.cache.names
+            and priority is False
+            and delay is None
+            and type(generator_name) is str
+            and generator_name in self.handlers.names
+            and self.cache.hit(task_name)
+        ):  # the crawler's common case, a link this process marked done: what new_task does, in short
+            self.deduplicated += 1
+            return
+        task = self.new_task(generator_name, args, task_name, repeat, priority, delay)
+        if task is not None:
+            self.route([task])
+
+    async def add_many(self, tasks: Iterable[Task]) -> None:
+        chunk: list[NewTask] = []
+        in_attempt = self._attempt_outbox() is not None
+        for t in tasks:
+            task = self.new_task(t.generator_name, t.args, t.task_name, t.repeat, t.priority, t.delay)
+            if task is None:
+                continue
+            chunk.append(task)
+            if len(chunk) >= BULK_CHUNK:
+                self.route(chunk)
+                chunk = []
+                if not in_attempt:
+                    await self.flush()
+        if chunk:
+            self.route(chunk)
+        if not in_attempt:
+            await self.flush()
+
+    def mark(self, names: Sequence[Any], done: bool, caller: str) -> None:
+        """``task_done`` (``done``) or ``uncache_task`` of ``names``."""
+        marks: list[tuple[bytes, str]] = []
+        for name in names:
+            if type(name) is not str:
+                if not isinstance(name, str):
+                    raise TypeError(f"{caller}: task names must be str, not {type(name).__name__}")
+                name = str(name)
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise EncodeError(f"{caller}: task name {name!r} cannot be stored: {exc.reason}") from None
+            marks.append((name_key(name), name))
+        if not done:
+            self.cache.removing(n for _, n in marks)
+        self.route(marks=marks, done=done)
+
+    # -- routing ---------------------------------------------------------------------
+
+    def _attempt_outbox(self) -> Outbox | None:
+        attempt = CURRENT.get()
+        if attempt is not None and attempt.owner is self and not attempt.closed:
+            return attempt.outbox
+        return None
+
+    def route(self, tasks: Sequence[NewTask] = (), marks: Sequence[tuple[bytes, str]] = (), done: bool = True) -> None:
+        """Put writes in the current attempt's outbox, the loop's outbox, or write them now."""
+        outbox = self._attempt_outbox()
+        if outbox is None:
+            try:
+                running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is None:
+                # no event loop: written before this returns (a feeder script)
+                once = Outbox()
+                once.add(tasks)
+                for key, name in marks:
+                    once.mark(key, name, done)
+                try:
+                    self.blocking.write(once)
+                except BaseException:
+                    self.cache.written([once], learn=False)
+                    raise
+                self.cache.written([once])
+                return
+            outbox = self.outbox
+            serving = self.serving
+            if serving is not None and running is serving.aloop:
+                serving.added(len(tasks))
+                if len(outbox) + len(tasks) >= BULK_CHUNK:
+                    serving.kick()
+            # an event loop that is not serving must ``await flush()`` (serve() flushes too)
+        if tasks:
+            outbox.add(tasks)
+        for key, name in marks:
+            outbox.mark(key, name, done)
+
+    # -- flushing --------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Write the loop's outbox; while serving, an outage waits (the loop is paused anyway)."""
+        while True:
+            try:
+                await self.flush_once()
+                return
+            except BackendError as exc:
+                serving = self.serving
+                if serving is None or serving.stopping:
+                    raise
+                await serving.backoff.failed(exc, "flush")
+
+    async def flush_once(self) -> None:
+        if not self.outbox:
+            return
+        store = self.store
+        opened_here = not store.opened  # not serving: open for this write only (no connection left behind)
+        if opened_here:
+            await store.open()
+        outbox = self.outbox.take()
+        try:
+            await store.write(outbox)
+        except BaseException:
+            # put it back in front so nothing is lost and order is kept
+            outbox.put_back(self.outbox)
+            self.outbox = outbox
+            raise
+        finally:
+            if opened_here:
+                await store.close()
+        self.cache.written([outbox])
+
+    def take_unwritten(self) -> Outbox:
+        """Everything still buffered (to spill it at exit); the cache stops waiting for its removals."""
+        outbox = self.outbox.take()
+        self.cache.written([outbox], learn=False)
+        return outbox

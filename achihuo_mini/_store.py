@@ -1,0 +1,387 @@
+"""The queue and the done set as one store: the only place the core calls a backend.
+
+- :class:`Store` opens and closes the pair, writes an outbox (done-set changes first,
+  then the pushes), commits finished attempts, and decides once whether the queue
+  shares the done set (one atomic commit) or not (done names first: a duplicate at
+  worst, never a loss).
+- Every backend object is wrapped by :func:`guard`: whatever a plugin raises becomes a
+  :class:`~achihuo_mini.errors.BackendError` naming the plugin and the method
+  (``ConnectionError``/``TimeoutError``: ``BackendUnavailable``), so the rest of the core
+  handles two kinds of failure, not every driver's.
+- :class:`Backoff` makes every "the backend failed, wait and try again" decision.
+- :class:`BlockingWriter` writes with no event loop running (a feeder script).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar, cast
+
+from ._outbox import Attempt, Outbox
+from .backend import (
+    SCOPE_ORDER,
+    Commit,
+    DeadLetter,
+    DoneSetBackend,
+    Lease,
+    NewTask,
+    Notifier,
+    QueueBackend,
+    QueueStats,
+    WorkerRegistry,
+)
+from .config import Settings
+from .errors import AchihuoError, BackendError, BackendUnavailable, ConfigError, PluginError
+from .masking import mask_secrets
+
+__all__ = ["Backoff", "BlockingWriter", "Store", "guard", "wait_event"]
+
+log = logging.getLogger("achihuo_mini")
+
+_T = TypeVar("_T")
+_SYNC_METHODS = frozenset({"shares_done_set"})
+_PASS_THROUGH = (BackendError, ConfigError, PluginError)
+
+
+def _fault(label: str, method: str, exc: BaseException) -> BackendError:
+    text = mask_secrets(str(exc))[:500]
+    message = f"{label}.{method}() raised {type(exc).__name__}" + (f": {text}" if text else "")
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return BackendUnavailable(message)
+    return BackendError(message)
+
+
+class _Guarded:
+    """A backend object whose methods raise only our errors (see :func:`guard`)."""
+
+    def __init__(self, target: object, label: str) -> None:
+        self._target = target
+        self._label = label
+
+    def __repr__(self) -> str:
+        return f"guard({self._target!r})"
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if name.startswith("_") or not callable(attr):
+            return attr  # plain attributes (scope, location, durability) are read each time
+        label = self._label
+        if name in _SYNC_METHODS:
+
+            def call_sync(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return attr(*args, **kwargs)
+                except _PASS_THROUGH:
+                    raise
+                except Exception as exc:
+                    raise _fault(label, name, exc) from exc
+
+            wrapped: Callable[..., Any] = call_sync
+        else:
+
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await attr(*args, **kwargs)
+                except _PASS_THROUGH:
+                    raise
+                except Exception as exc:
+                    raise _fault(label, name, exc) from exc
+
+            wrapped = call
+        self.__dict__[name] = wrapped  # looked up once per method
+        return wrapped
+
+
+def guard(target: _T, plugin: str, side: str) -> _T:
+    """``target`` with every method wrapped: a plugin's own exception becomes a ``BackendError``
+    (``BackendUnavailable`` for ``ConnectionError``/``TimeoutError``) that names the plugin
+    and the method, with the original chained. Our own errors pass unchanged."""
+    return cast(_T, _Guarded(target, f"the {plugin!r} plugin's {side}"))
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for ``event`` at most ``timeout`` seconds; True if it is set.
+
+    (``asyncio.wait_for`` on 3.11 can swallow a cancellation that races with the
+    result, which would make a background loop ignore shutdown.)
+    """
+    if event.is_set():
+        return True
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+class Backoff:
+    """Every "the backend failed: wait, then try again" decision of one serving loop.
+
+    ``BackendUnavailable`` (an outage, a failover, a locked file) pauses the caller as
+    long as it lasts: the first one logs a warning, the first success after it logs how
+    long the pause was; waits grow from 0.2 s to 5 s. Any other ``BackendError`` is a
+    fault that waiting rarely cures (a plugin bug, refused credentials, a corrupt file):
+    the same operation is tried :attr:`FAULT_TRIES` times in all, then the error is
+    raised and the loop stops. Waits end early when ``stop`` is set.
+    """
+
+    FAULT_TRIES = 3
+    MAX_WAIT = 5.0
+
+    def __init__(self, name: str, stop: asyncio.Event) -> None:
+        self.name = name
+        self.stop = stop
+        self.down_since: float | None = None
+        self._faults: dict[str, int] = {}
+
+    @property
+    def paused(self) -> bool:
+        return self.down_since is not None
+
+    async def failed(self, exc: BackendError, operation: str) -> None:
+        """Wait before ``operation`` is tried again, or raise ``exc`` when it is a fault tried too often."""
+        now = time.monotonic()
+        if isinstance(exc, BackendUnavailable):
+            if self.down_since is None:
+                self.down_since = now
+                log.warning("%s: backend unreachable, pausing: %s", self.name, exc)
+            wait = min(self.MAX_WAIT, 0.2 + (now - self.down_since))
+        else:
+            faults = self._faults[operation] = self._faults.get(operation, 0) + 1
+            if faults >= self.FAULT_TRIES:
+                raise exc
+            log.error("%s: %s failed (try %d of %d): %s", self.name, operation, faults, self.FAULT_TRIES, exc)
+            wait = 0.1 * 2**faults
+        await wait_event(self.stop, wait)
+
+    def ok(self, operation: str) -> None:
+        """``operation`` succeeded."""
+        if self._faults:
+            self._faults.pop(operation, None)
+        if self.down_since is not None:
+            log.warning(
+                "%s: backend reachable again after %.1f s; resuming", self.name, time.monotonic() - self.down_since
+            )
+            self.down_since = None
+
+
+class Store:
+    """The queue and done set of one loop, built from its settings (no I/O until :meth:`open`)."""
+
+    def __init__(self, name: str, settings: Settings) -> None:
+        self.name = name
+        self.settings = settings
+        qspec, dspec = settings.queue.spec(), settings.done.spec()
+        assert qspec.create_queue is not None and dspec.create_done_set is not None
+        try:
+            raw_queue = qspec.create_queue(name, dict(settings.queue.options))
+            raw_done = dspec.create_done_set(name, dict(settings.done.options))
+        except _PASS_THROUGH:
+            raise
+        except Exception as exc:
+            raise _fault(f"the {qspec.plugin or qspec.name!r} plugin's", "create", exc) from exc
+        self.raw_queue, self.raw_done = raw_queue, raw_done  # unguarded: for their attributes only
+        self.queue: QueueBackend = guard(raw_queue, qspec.plugin or qspec.name, "queue")
+        self.done: DoneSetBackend = guard(raw_done, dspec.plugin or dspec.name, "done set")
+        self.registry: WorkerRegistry | None = (
+            cast(WorkerRegistry, self.queue) if isinstance(raw_queue, WorkerRegistry) else None
+        )
+        self.notifier: Notifier | None = cast(Notifier, self.queue) if isinstance(raw_queue, Notifier) else None
+        q_scope, d_scope = raw_queue.scope, raw_done.scope
+        if SCOPE_ORDER[q_scope] > SCOPE_ORDER[d_scope] and not settings.loop["allow_local"]:
+            raise ConfigError(
+                f"the queue ({settings.queue.backend}, scope {q_scope}) is shared more widely than the done set "
+                f"({settings.done.backend}, scope {d_scope}): workers elsewhere would not see done names. "
+                "Use the same backend for both, or set allow_local = true in [loop]"
+            )
+        self.shared: bool = bool(self.queue.shares_done_set(raw_done))
+        self.opened = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def durability(self) -> str | None:
+        value = getattr(self.raw_queue, "durability", None)
+        return value if isinstance(value, str) else None
+
+    def describe(self) -> str:
+        """Both sides' backends and locations, for the start line."""
+        s = self.settings
+        durability = self.durability
+        return (
+            f"queue: {s.queue.backend} at {mask_secrets(str(self.queue.location))}"
+            + (f" (durability: {durability})" if durability else "")
+            + f"; done set: {s.done.backend} at {mask_secrets(str(self.done.location))}"
+            + ("" if self.shared else " (separate: done names are written before acks)")
+        )
+
+    async def open(self) -> None:
+        if self.opened:
+            return
+        await self.queue.open()
+        try:
+            await self.done.open()
+        except BaseException:
+            await self.queue.close()
+            raise
+        self.opened = True
+
+    async def close(self) -> None:
+        if self.opened:
+            self.opened = False
+            try:
+                await self.queue.close()
+            finally:
+                await self.done.close()
+
+    # -- writes ------------------------------------------------------------------------
+
+    async def _unique_filter(self, tasks: Sequence[NewTask]) -> list[NewTask]:
+        """For a done set the queue cannot see: drop unique tasks whose name is done (one batched call)."""
+        unique = [t for t in tasks if t.unique and t.key is not None]
+        if not unique:
+            return list(tasks)
+        flags = await self.done.contains([t.key for t in unique if t.key is not None])
+        if len(flags) != len(unique):
+            raise BackendError(f"the done set answered {len(flags)} flags for {len(unique)} names")
+        skip = {id(t) for t, is_done in zip(unique, flags, strict=True) if is_done}
+        return [t for t in tasks if id(t) not in skip]
+
+    async def _write_done(self, outbox: Outbox) -> None:
+        if outbox.done:
+            added, removed = outbox.split_done()
+            if removed:
+                await self.done.remove(removed)
+            if added:
+                await self.done.add(added)
+
+    async def write(self, outbox: Outbox) -> None:
+        """Done-set changes first, then the pushes (a duplicate at worst, never a loss)."""
+        await self._write_done(outbox)
+        tasks: Sequence[NewTask] = outbox.tasks
+        if tasks and not self.shared:
+            tasks = await self._unique_filter(tasks)
+        if tasks:
+            await self.queue.push(tasks)
+
+    async def commit(self, attempts: Sequence[Attempt]) -> int:
+        """Ack finished attempts with their done names and children; return how many were applied."""
+        if self.shared:
+            commits = [Commit(a.lease, *a.outbox.split_done(), a.outbox.tasks) for a in attempts]
+        else:
+            merged = Outbox()
+            for a in attempts:
+                merged.done.update(a.outbox.done)
+            await self._write_done(merged)  # done names first: a duplicate, never a loss
+            everything = [t for a in attempts for t in a.outbox.tasks]
+            kept = {id(t) for t in await self._unique_filter(everything)} if everything else set()
+            commits = [Commit(a.lease, children=[t for t in a.outbox.tasks if id(t) in kept]) for a in attempts]
+        applied = await self.queue.commit(commits)
+        return _count(applied, len(commits), "commit")
+
+    # -- leases ------------------------------------------------------------------------
+
+    async def reserve(self, worker: str, limit: int) -> list[Lease]:
+        leases = await self.queue.reserve(worker, limit)
+        if type(leases) is not list or len(leases) > limit or not all(type(x) is Lease for x in leases):
+            raise BackendError(f"reserve({limit}) answered {_short(leases)}, not a list of at most {limit} leases")
+        return leases
+
+    async def release(self, leases: Sequence[Lease], delay: float = 0.0) -> int:
+        if delay > 0:
+            return _count(await self.queue.release(leases, delay), len(leases), "release")
+        return _count(await self.queue.release(leases), len(leases), "release")
+
+    async def retry(self, items: Sequence[tuple[Lease, float]]) -> int:
+        return _count(await self.queue.retry(items), len(items), "retry")
+
+    async def bury(self, items: Sequence[tuple[Lease, str]]) -> int:
+        return _count(await self.queue.bury(items), len(items), "bury")
+
+    # -- reading -----------------------------------------------------------------------
+
+    async def stats(self) -> QueueStats:
+        stats = await self.queue.stats()
+        if not isinstance(stats, QueueStats) or not all(
+            type(v) is int and v >= 0 for v in (stats.ready, stats.delayed, stats.leased, stats.dead)
+        ):
+            raise BackendError(f"stats() answered {_short(stats)}")
+        return stats
+
+    async def done_count(self) -> int:
+        n = await self.done.count()
+        if type(n) is not int or n < 0:
+            raise BackendError(f"the done set's count() answered {_short(n)}")
+        return n
+
+    async def dead_letters(self, limit: int) -> list[DeadLetter]:
+        letters = await self.queue.dead_letters(limit)
+        return [x for x in letters if type(x) is DeadLetter] if isinstance(letters, list) else []
+
+    async def requeue_dead(self, limit: int | None) -> int:
+        n = await self.queue.requeue_dead(limit)
+        return n if type(n) is int else 0
+
+    async def clear(self, what: str) -> None:
+        if what in ("queue", "all"):
+            await self.queue.clear("queue")
+        if what in ("dead", "all"):
+            await self.queue.clear("dead")
+        if what in ("done", "all"):
+            await self.done.clear()
+
+
+def _count(value: Any, most: int, method: str) -> int:
+    if type(value) is not int or not 0 <= value <= most:
+        raise BackendError(f"{method}() answered {_short(value)} for a batch of {most}")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+class BlockingWriter:
+    """Writes outboxes when no event loop is running (a separate script adding tasks).
+
+    It opens its own backend objects in a private event loop on first use; :meth:`close`
+    closes them.
+    """
+
+    def __init__(self, make_store: Callable[[], Store]) -> None:
+        self._make_store = make_store
+        self._runner: asyncio.Runner | None = None
+        self._store: Store | None = None
+
+    def write(self, outbox: Outbox) -> None:
+        self._run(self._write(outbox))
+
+    async def _write(self, outbox: Outbox) -> None:
+        if self._store is None:
+            store = self._make_store()
+            await store.open()
+            self._store = store
+        await self._store.write(outbox)
+
+    def _run(self, coro: Awaitable[None]) -> None:
+        if self._runner is None:
+            self._runner = asyncio.Runner()
+        self._runner.run(coro)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        if self._runner is None:
+            return
+        store, self._store = self._store, None
+        try:
+            if store is not None:
+                self._run(store.close())
+        except AchihuoError as exc:
+            log.warning("closing the backends failed: %s", exc)
+        finally:
+            self._runner.close()
+            self._runner = None

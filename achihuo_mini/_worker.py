@@ -1,0 +1,667 @@
+"""Serving a loop, top to bottom: reserve → run → commit, retry or bury → heartbeat → shutdown.
+
+One :class:`Worker` is one ``serve()``. Its dispatcher reserves at most ``concurrency -
+running`` tasks (no private prefetch a stop or a crash would strand) and runs each
+handler in a task of its own; the committer writes finished attempts, retries, burials,
+releases and the loop's outbox in coalesced batches; the heartbeat (:mod:`._presence`)
+keeps the incarnation alive; the watchdog cancels handlers past ``task_timeout``.
+
+Error boundaries, all explicit:
+
+- a handler's exception fails its attempt only (retry with backoff, then a dead letter);
+- a backend's failure goes through one :class:`~._store.Backoff`: an outage pauses the
+  loop, a fault (a plugin bug, refused credentials) stops it with exit code 1 after a
+  few tries;
+- the background tasks are supervised: if one dies of anything, the loop logs it with
+  its traceback and stops (exit code 1) instead of running on with nothing acknowledged;
+- at exit, what could not be written is never dropped silently: finished tasks whose
+  ack failed are released (they run again), leases come back after the lease timeout,
+  and buffered adds are spilled to a local file that the next start replays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from ._outbox import CURRENT, Attempt
+from ._presence import NullPresence, Presence
+from ._producer import HandlerTable, Producer
+from ._report import Report, RunSummary
+from ._spill import replay, spill
+from ._store import Backoff, Store, wait_event
+from .backend import Lease
+from .codec import decode_task
+from .errors import BackendError, BackendUnavailable, ConfigError, DecodeError, Retry
+from .masking import mask_secrets
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("achihuo_mini")
+
+HOLD_BACK_DELAY = 2.0  # seconds a task for a handler only a live peer has waits before it is ready again
+RELEASE_WAIT = 2.0  # seconds cancelled handlers get to unwind before their leases are released
+BACKGROUND_WAIT = 15.0  # seconds the committer/heartbeat get to finish their call at shutdown
+FINAL_WRITES = 10.0  # seconds a stop keeps trying to write through an outage
+NOTIFY_WAIT = 5.0  # seconds one backend wait for new tasks may block (local events wake us sooner)
+ERROR_MAX = 2048  # characters of error text a dead letter keeps
+
+
+def _error_text(exc: BaseException, with_traceback: bool) -> str:
+    """The first line says what failed; then as much of the traceback's end as fits."""
+    summary = "".join(traceback.format_exception_only(exc)).strip() or type(exc).__name__
+    if not with_traceback:
+        return mask_secrets(summary)[:ERROR_MAX]
+    tb = "".join(traceback.format_exception(exc)).strip()
+    room = ERROR_MAX - len(summary) - 2
+    tail = tb[-room:] if room > 0 else ""
+    return mask_secrets(f"{summary}\n\n{tail}")[:ERROR_MAX]
+
+
+class Worker:
+    """One ``serve()`` of a loop (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        store: Store,
+        producer: Producer,
+        handlers: HandlerTable,
+        options: Mapping[str, Any],
+        seed: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.name = name
+        self.store = store
+        self.producer = producer
+        self.handlers = handlers
+        self.options = options
+        self.concurrency: int = options["concurrency"]
+        self._seed_fn = seed
+        self.aloop = asyncio.get_running_loop()
+        self.report = Report(name)
+        self.stop_event = asyncio.Event()
+        self.wake = asyncio.Event()
+        self.flush_wanted = asyncio.Event()
+        self.beat_now = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.backoff = Backoff(name, self.stop_event)
+        self.presence: Presence | NullPresence = (
+            Presence(name, store.registry, options["lease_timeout"], options["heartbeat_interval"])
+            if store.registry is not None
+            else NullPresence(name)
+        )
+        self.role = "master"
+        self.stopping = self.force = self.closing = self.seeding = False
+        self.running: dict[asyncio.Task[None], Attempt] = {}
+        self.known: set[int] = set()  # task ids of the leases this incarnation holds and knows of
+        self.strays_due = False  # compare the backend's leases with ours before the next reserve
+        self.commits: list[Attempt] = []
+        self.retries: list[tuple[Lease, float]] = []
+        self.burials: list[tuple[Lease, str]] = []
+        self.releases: list[Lease] = []
+        self.held: list[Lease] = []  # tasks for a handler only a peer has, to release with a delay
+        self.holding = 0  # ... counted against concurrency until that release is written
+        self._notify: asyncio.Future[None] | None = None
+        self._dedup_base = producer.deduplicated
+
+    # -- the whole serve ---------------------------------------------------------------
+
+    async def run(self, *, slave: bool, seed: bool, idle_exit: float | None, handle_signals: bool) -> RunSummary:
+        self.role = "slave" if slave else "master"
+        installed = self._install_signals() if handle_signals else []
+        seeder: asyncio.Task[None] | None = None
+        background: list[asyncio.Task[None]] = []
+        self.producer.serving = self
+        self.producer.cache.clear()  # a new incarnation starts from what the backend says
+        try:
+            await self.store.open()
+            self.report.log_start(self.role, self.concurrency, self.store)
+            self._check_durability()
+            await replay(self.name, self.store)
+            await self.producer.flush()  # what was added before serve() started
+            self.seeding = not slave and seed
+            self.report.summary.alias = await self.presence.start(self.role, self.info())
+            if self.seeding:
+                seeder = asyncio.create_task(self._seed(), name=f"{self.name}-seed")
+            background = [
+                self._spawn(self._committer(), "committer"),
+                self._spawn(self.presence.run(self, self.beat_now, lambda: self.closing, self.backoff), "heartbeat"),
+                self._spawn(self._watchdog(), "watchdog"),
+            ]
+            if self.options["progress_interval"]:
+                progress = self.report.progress(
+                    self.store, self.options["progress_interval"], lambda: len(self.running), self.closed
+                )
+                background.append(self._spawn(progress, "progress reporter"))
+            await self._dispatch(idle_exit, seeder)
+        except (BackendError, ConfigError) as exc:
+            log.error("%s: %s", self.name, exc)
+            self.report.fail(str(exc))
+        except Exception as exc:
+            log.error("%s: the dispatcher failed; stopping", self.name, exc_info=exc)
+            self.report.fail(f"dispatcher: {type(exc).__name__}: {exc}")
+        finally:
+            await self._shutdown(seeder, background)
+            for sig in installed:
+                self.aloop.remove_signal_handler(sig)
+            self.producer.serving = None
+            self.report.summary.deduplicated = self.producer.deduplicated - self._dedup_base
+            self.report.log_summary()
+        return self.report.summary
+
+    def _check_durability(self) -> None:
+        durability = self.store.durability
+        if self.options["require_durable"] and durability not in ("everysec", "always"):
+            raise ConfigError(
+                f"require_durable is set but the {self.store.settings.queue.backend} queue at "
+                f"{self.store.queue.location} reports durability {durability or 'of its process only'!r}"
+            )
+
+    def _install_signals(self) -> list[int]:
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        self.aloop.add_signal_handler(signal.SIGTERM, self.stop)
+        self.aloop.add_signal_handler(signal.SIGINT, self.interrupt)
+        return [signal.SIGTERM, signal.SIGINT]
+
+    def _spawn(self, coro: Awaitable[None], what: str) -> asyncio.Task[None]:
+        """A supervised background task: if it dies, the loop logs why and stops with exit code 1."""
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"{self.name}-{what}")
+
+        def supervise(task: asyncio.Task[None]) -> None:
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if exc is None and self.closing:
+                return
+            reason = f"the {what} stopped" if exc is None else f"the {what} died: {type(exc).__name__}: {exc}"
+            log.error("%s: %s; stopping", self.name, reason, exc_info=exc)
+            self.report.fail(reason)
+            self.stop()
+
+        task.add_done_callback(supervise)
+        return task
+
+    async def _seed(self) -> None:
+        try:
+            await self._seed_fn()
+            await self.producer.flush()  # seeding is over only when the seeds are written
+        except asyncio.CancelledError:
+            raise
+        except BackendError as exc:
+            if not self.stopping:
+                log.error("%s: could not write what run() added: %s", self.name, exc)
+                self.report.fail(str(exc))
+                self.stop()
+        except Exception:
+            log.error("%s: run() failed; what it added is kept:\n%s", self.name, mask_secrets(traceback.format_exc()))
+            self.report.fail("run() raised")
+            self.stop()
+        finally:
+            self.seeding = False
+            self.beat_now.set()  # tell the other workers at once: idleness depends on it
+
+    # -- stopping ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop gracefully; safe from handlers, signal handlers and other threads."""
+        try:
+            in_loop = asyncio.get_running_loop() is self.aloop
+        except RuntimeError:
+            in_loop = False
+        if in_loop:
+            self._stop_now()
+        elif not self.aloop.is_closed():
+            self.aloop.call_soon_threadsafe(self._stop_now)
+
+    def _stop_now(self) -> None:
+        self.stopping = True
+        self.stop_event.set()
+        self.wake.set()
+
+    def interrupt(self) -> None:
+        """SIGINT: a graceful stop; a second one skips the grace period."""
+        if self.stopping:
+            log.warning("%s: second interrupt: skipping the grace period", self.name)
+            self.force = True
+        self.stop()
+
+    # -- presence hooks ----------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        if self.stopping:
+            state = "stopping"
+        elif self.backoff.paused:
+            state = "paused"
+        else:
+            state = "seeding" if self.seeding else "running"
+        return self.report.info(
+            self.role, state, self.concurrency, len(self.running), self.seeding, sorted(self.handlers.names)
+        )
+
+    def command(self, command: str) -> None:
+        if command == "stop":
+            log.info("%s: stop command received", self.name)
+            self.stop()
+        else:
+            log.warning("%s: ignoring unknown command %r", self.name, mask_secrets(command)[:60])
+
+    def leases_lost(self) -> None:
+        """The incarnation is gone: its handlers' leases are someone else's now."""
+        for task, attempt in self.running.items():
+            if attempt.cancel_reason is None:
+                attempt.cancel_reason = "lost"
+                task.cancel()
+        self.known.clear()
+
+    def check_leases(self) -> None:
+        self.strays_due = True
+
+    # -- the dispatcher ----------------------------------------------------------------
+
+    async def _dispatch(self, idle_exit: float | None, seeder: asyncio.Task[None] | None) -> None:
+        """Reserve → run (→ the committer acks) until a stop or global idleness."""
+        idle_since: float | None = None
+        poll = 0.01
+        task_timeout = float(self.options["task_timeout"])
+        while not self.stopping:
+            free = self.concurrency - len(self.running) - self.holding
+            if free <= 0:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            try:
+                if self.strays_due:
+                    await self._release_strays()
+                leases = await self.store.reserve(self.presence.worker, free)
+            except BackendError as exc:
+                if isinstance(exc, BackendUnavailable):
+                    self.strays_due = True  # it may have leased tasks whose reply we lost
+                await self.backoff.failed(exc, "reserve")
+                continue
+            self.backoff.ok("reserve")
+            if leases:
+                idle_since = None
+                poll = 0.01
+                deadline = self.aloop.time() + task_timeout
+                for lease in leases:
+                    self._start(lease, deadline)
+                await asyncio.sleep(0)  # let handlers that finish at once free their slots
+                continue
+            if idle_exit is not None and not self.running and self._quiet(seeder):
+                try:
+                    idle = await self._globally_idle()
+                except BackendError as exc:
+                    await self.backoff.failed(exc, "idle check")
+                    continue
+                if idle:
+                    now = time.monotonic()
+                    idle_since = idle_since or now
+                    if now - idle_since >= idle_exit:
+                        log.info("%s: the queue is idle; stopping", self.name)
+                        self.report.summary.reason = "idle"
+                        return
+                else:
+                    idle_since = None
+            self.wake.clear()
+            await self._wait_for_work(min(poll, 1.0))
+            poll = min(poll * 2, 0.5)
+
+    def _quiet(self, seeder: asyncio.Task[None] | None) -> bool:
+        """Nothing of this process is unwritten or still seeding."""
+        return not (
+            self.producer.outbox or self.commits or self.retries or self.burials or self.releases or self.holding
+        ) and (seeder is None or seeder.done())
+
+    async def _globally_idle(self) -> bool:
+        stats = await self.store.stats()
+        return not stats.active and not await self.presence.others_seeding()
+
+    async def _release_strays(self) -> None:
+        """Give back leases the backend says this incarnation holds but it does not run
+        (a reserve whose reply was lost; a backend that lost writes and restored old leases)."""
+        held = await self.presence.leases()
+        stray = [lease for lease in held if lease.task_id not in self.known]
+        if stray:
+            n = await self.store.release(stray)
+            log.warning("%s: released %d leases this worker held but did not run", self.name, n)
+        self.strays_due = False
+
+    async def _wait_for_work(self, timeout: float) -> None:
+        """Sleep until a local event, a backend notification or ``timeout``.
+
+        The backend's waiter outlives one poll: cancelling it every poll would, for
+        Redis, drop the connection it blocks on.
+        """
+        local = asyncio.ensure_future(self.wake.wait())
+        waiters: list[asyncio.Future[Any]] = [local]
+        notifier = self.store.notifier
+        if notifier is not None:
+            if self._notify is None:
+                self._notify = asyncio.ensure_future(notifier.wait_for_tasks(NOTIFY_WAIT))
+            waiters.append(self._notify)
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            local.cancel()
+            await asyncio.wait([local])
+        notify = self._notify
+        if notify is not None and notify.done():
+            self._notify = None
+            if not notify.cancelled() and notify.exception() is not None:
+                log.debug("%s: waiting for tasks failed: %s", self.name, notify.exception())
+
+    async def _stop_notify_waiter(self) -> None:
+        notify, self._notify = self._notify, None
+        if notify is not None:
+            notify.cancel()
+            await asyncio.wait([notify])
+            if not notify.cancelled():
+                notify.exception()  # read: a failed wait is not worth a warning at exit
+
+    # -- attempts ----------------------------------------------------------------------
+
+    def _start(self, lease: Lease, deadline: float) -> None:
+        self.known.add(lease.task_id)
+        attempt = Attempt(self.producer, lease, deadline=deadline)
+        task = self.aloop.create_task(self._attempt(attempt))
+        self.running[task] = attempt
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.running.pop(task, None)
+        self.wake.set()
+        if not task.cancelled() and task.exception() is not None:  # a bug of ours: never silent
+            log.error("%s: an attempt failed unexpectedly", self.name, exc_info=task.exception())
+
+    async def _attempt(self, attempt: Attempt) -> None:
+        lease = attempt.lease
+        try:
+            decoded = decode_task(lease.payload, self.producer.max_task_size)
+        except DecodeError as exc:
+            log.error("%s: burying undecodable task %s: %s", self.name, lease.task_id, exc)
+            self._bury(lease, f"undecodable: {exc}")
+            return
+        attempt.handler, attempt.name = decoded.handler, decoded.name
+        handler = self.handlers.resolve(decoded.handler)
+        if handler is None:
+            await self._no_handler(attempt, decoded.handler)
+            return
+        CURRENT.set(attempt)
+        try:
+            try:
+                await handler(*decoded.args)
+            finally:
+                attempt.closed = True
+        except asyncio.CancelledError:
+            self._cancelled(attempt)
+            return
+        except Exception as exc:
+            self._fail(attempt, exc)
+            return
+        self.commits.append(attempt)
+        self.kick()
+
+    async def _no_handler(self, attempt: Attempt, handler: str) -> None:
+        lease = attempt.lease
+        if not self.handlers.impossible(handler):
+            peer = await self.presence.peer_handles(handler)
+            if peer is not False:  # a rolling deploy (or no answer yet): a peer may have it
+                self.held.append(lease)
+                self.holding += 1
+                self.kick()
+                return
+            why = f"unknown handler {handler!r}"
+        else:
+            why = f"unknown handler {handler!r} (no loop can have a handler of that name)"
+        log.error("%s: burying task %r: %s", self.name, mask_secrets(str(attempt.name)), why)
+        self._bury(lease, why)
+
+    def _cancelled(self, attempt: Attempt) -> None:
+        reason = attempt.cancel_reason
+        if reason == "timeout":
+            self._fail(
+                attempt, TimeoutError(f"handler ran longer than task_timeout ({self.options['task_timeout']} s)")
+            )
+            return
+        self.producer.cache.written([attempt.outbox], learn=False)  # discarded
+        if reason == "lost":
+            return  # the lease is another incarnation's now: nothing to give back
+        task = asyncio.current_task()
+        if reason == "stop" or (task is not None and task.cancelling()):
+            self.releases.append(attempt.lease)  # to the queue head; the outbox is discarded
+            self.kick()
+            return
+        # nothing cancelled it: the handler raised CancelledError itself (it awaited
+        # something that was cancelled) -- a failure like any other, or it would cycle for ever
+        self._fail(attempt, asyncio.CancelledError("the handler raised CancelledError (no stop, no task_timeout)"))
+
+    def _fail(self, attempt: Attempt, exc: BaseException) -> None:
+        self.producer.cache.written([attempt.outbox], learn=False)
+        lease = attempt.lease
+        name = mask_secrets(str(attempt.name)) if attempt.name is not None else None
+        summary = self.report.summary
+        summary.failed += 1
+        failures = lease.failures if type(lease.failures) is int and lease.failures >= 0 else 0
+        if failures >= self.handlers.retries(attempt.handler, self.options["max_retries"]):
+            error = _error_text(exc, with_traceback=not isinstance(exc, Retry))
+            log.error(
+                "%s: task %r failed %d times, now a dead letter: %s",
+                self.name,
+                name,
+                failures + 1,
+                error.split("\n")[0],
+            )
+            self._bury(lease, error)
+            return
+        delay = self._retry_delay(failures, exc)
+        log.warning("%s: task %r failed (retry in %.1f s): %s", self.name, name, delay, _error_text(exc, False))
+        if self.options["debug"] and not isinstance(exc, Retry):
+            log.debug("%s", mask_secrets("".join(traceback.format_exception(exc))))
+        self.retries.append((lease, delay))
+        summary.retried += 1
+        self.kick()
+
+    def _retry_delay(self, failures: int, exc: BaseException) -> float:
+        """The one retry policy: ``Retry(delay=…)`` if given, else exponential backoff with jitter."""
+        if isinstance(exc, Retry) and exc.delay is not None:
+            try:
+                delay = float(exc.delay)
+            except (TypeError, ValueError):
+                delay = 0.0
+            return min(delay, 1e9) if math.isfinite(delay) and delay > 0 else 0.0
+        base = self.options["retry_delay"] * 2 ** min(failures, 64)
+        return float(min(self.options["retry_max_delay"], base) * random.uniform(0.5, 1.0))
+
+    def _bury(self, lease: Lease, reason: str) -> None:
+        self.burials.append((lease, mask_secrets(reason)[:ERROR_MAX]))
+        self.report.summary.buried += 1
+        self.kick()
+
+    def kick(self) -> None:
+        if not self.flush_wanted.is_set():
+            self.flush_wanted.set()
+
+    def added(self, n: int) -> None:
+        self.report.summary.added += n
+
+    async def _watchdog(self) -> None:
+        """Cancel handlers running past ``task_timeout`` (one timer for all, not one per task)."""
+        interval = min(1.0, self.options["task_timeout"] / 4)
+        while not self.closing:
+            await wait_event(self.closed, interval)
+            now = self.aloop.time()
+            for task, attempt in list(self.running.items()):
+                if attempt.deadline <= now and attempt.cancel_reason is None and not attempt.closed:
+                    attempt.cancel_reason = "timeout"
+                    task.cancel("task_timeout")
+
+    # -- the committer -----------------------------------------------------------------
+
+    async def _committer(self) -> None:
+        """Write finished attempts, retries, burials, releases and the loop's outbox in batches."""
+        interval = self.options["flush_interval"]
+        while not self.closing:
+            await wait_event(self.flush_wanted, interval)
+            if self.closing:
+                return
+            self.flush_wanted.clear()
+            await asyncio.sleep(0)  # coalesce handlers finishing in the same tick
+            try:
+                await self._write_batch()
+            except BackendError as exc:
+                await self.backoff.failed(exc, "write")
+                self.flush_wanted.set()
+                continue
+            self.backoff.ok("write")
+
+    async def _write_batch(self) -> None:
+        """One round of writes. What fails is put back, so a later round retries it."""
+        store, summary = self.store, self.report.summary
+        if self.commits:
+            attempts, self.commits = self.commits, []
+            try:
+                applied = await store.commit(attempts)
+            except BaseException:
+                self.commits[:0] = attempts
+                raise
+            self.known.difference_update(a.lease.task_id for a in attempts)
+            self.producer.cache.written([a.outbox for a in attempts], learn=applied == len(attempts))
+            summary.succeeded += applied
+            summary.added += sum(len(a.outbox.tasks) for a in attempts)
+            if applied < len(attempts):
+                summary.fenced += len(attempts) - applied
+                log.warning("%s: %d commits were fenced (their lease was lost)", self.name, len(attempts) - applied)
+        if self.retries:
+            items, self.retries = self.retries, []
+            await self._lease_write(store.retry(items), items, lambda: self.retries)
+        if self.burials:
+            buried, self.burials = self.burials, []
+            await self._lease_write(store.bury(buried), buried, lambda: self.burials)
+        if self.releases:
+            released, self.releases = self.releases, []
+            summary.released += await self._lease_write(store.release(released), released, lambda: self.releases)
+        if self.held:
+            held, self.held = self.held, []
+            await self._lease_write(store.release(held, HOLD_BACK_DELAY), held, lambda: self.held)
+            self.holding -= len(held)
+        if self.producer.outbox:
+            await self.producer.flush_once()
+
+    async def _lease_write(self, call: Awaitable[int], items: list[Any], pending: Callable[[], list[Any]]) -> int:
+        try:
+            n = await call
+        except BaseException:
+            pending()[:0] = items
+            raise
+        self.known.difference_update((item if isinstance(item, Lease) else item[0]).task_id for item in items)
+        return n
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    async def _shutdown(self, seeder: asyncio.Task[None] | None, background: list[asyncio.Task[None]]) -> None:
+        self._stop_now()
+        if seeder is not None and not seeder.done():
+            seeder.cancel()
+            await asyncio.wait([seeder])
+        if self.running:
+            grace = 0.0 if self.force else float(self.options["grace_period"])
+            log.info("%s: stopping; %d handlers running get %.1f s to finish", self.name, len(self.running), grace)
+            await self._wait_running(grace)
+        if self.running:
+            log.warning(
+                "%s: cancelling %d handlers; their tasks go back to the queue head", self.name, len(self.running)
+            )
+            for task, attempt in list(self.running.items()):
+                attempt.cancel_reason = attempt.cancel_reason or "stop"
+                task.cancel()
+            await asyncio.wait(list(self.running), timeout=RELEASE_WAIT)
+        await self._stop_notify_waiter()
+        # the committer and the heartbeat finish the call they are in (a write cut off
+        # mid-flight would be repeated and show up as fenced), then end
+        self.closing = True
+        self.closed.set()
+        self.flush_wanted.set()
+        self.beat_now.set()
+        if background:
+            _, late = await asyncio.wait(background, timeout=BACKGROUND_WAIT)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        try:
+            if self.store.opened:
+                await self._final_writes()
+                try:
+                    await self.presence.stop()
+                except BackendError as exc:
+                    log.error("%s: could not unregister (the registry forgets this worker after the lease timeout): %s",
+                              self.name, exc)  # fmt: skip
+                    self.report.fail(str(exc))
+        finally:
+            for task in self.running:
+                log.error("%s: handler %s did not stop; its lease comes back after the lease timeout", self.name, task)
+            self.running.clear()
+            try:
+                await self.store.close()
+            except BackendError as exc:
+                log.warning("%s: closing the backends failed: %s", self.name, exc)
+
+    async def _wait_running(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        while self.running and not self.force:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self.wake.clear()
+            if not await wait_event(self.wake, remaining):
+                return
+
+    async def _final_writes(self) -> None:
+        """Write what is left; through an outage for up to FINAL_WRITES seconds; never drop it silently."""
+        deadline = time.monotonic() + FINAL_WRITES
+        while True:
+            try:
+                await self._write_batch()
+                return
+            except BackendUnavailable as exc:
+                if time.monotonic() < deadline:
+                    await asyncio.sleep(0.5)
+                    continue
+                error: BackendError = exc
+            except BackendError as exc:
+                error = exc
+            break
+        log.error("%s: could not write before exiting: %s", self.name, error)
+        self.report.fail(f"could not write before exiting: {error}")
+        if self.commits:
+            leases = [a.lease for a in self.commits]
+            try:
+                await self.store.release(leases)
+                log.error("%s: %d finished tasks could not be acknowledged; they went back to the queue",
+                          self.name, len(leases))  # fmt: skip
+            except BackendError:
+                log.error("%s: %d finished tasks could not be acknowledged; their leases come back after the "
+                          "lease timeout and they run again", self.name, len(leases))  # fmt: skip
+        if self.retries or self.burials or self.releases or self.held:
+            log.error("%s: the leases of %d tasks come back after the lease timeout", self.name,
+                      len(self.retries) + len(self.burials) + len(self.releases) + len(self.held))  # fmt: skip
+        if self.producer.outbox:
+            outbox = self.producer.take_unwritten()
+            try:
+                path = spill(self.name, outbox)
+            except OSError as exc:
+                log.critical("%s: LOST %d writes made outside handlers: the backend was unreachable and the spill "
+                             "file could not be written: %s", self.name, len(outbox), exc)  # fmt: skip
+            else:
+                log.error("%s: kept %d writes made outside handlers (tasks added in run(), task_done) in %s; "
+                          "the next start of this loop writes them", self.name, len(outbox), path)  # fmt: skip
