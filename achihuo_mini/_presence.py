@@ -96,15 +96,16 @@ class Presence:
                 if closing():
                     return
                 beat_now.clear()
+            sent = time.monotonic()  # the backend's clock restarts the lease when it applies the call, not after
             try:
-                await self._beat(hooks, time.monotonic() - last_ok > self.lease_timeout)
+                await self._beat(hooks, sent - last_ok > self.lease_timeout)
             except BackendError as exc:
                 await backoff.failed(exc, "heartbeat")
                 retry = True
                 continue
             backoff.ok("heartbeat")
             retry = False
-            last_ok = time.monotonic()
+            last_ok = sent
 
     async def _beat(self, hooks: PresenceHooks, lagged: bool) -> None:
         reply = await self.registry.heartbeat(self.worker, hooks.info(), self.lease_timeout)

@@ -14,20 +14,23 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ._outbox import CURRENT, Outbox
-from ._store import Backoff, BlockingWriter, Store
+from ._store import Backoff, Store
 from .backend import NewTask, name_key
 from .codec import encode_task
-from .errors import BackendError, EncodeError, HandlerError, TaskTooLarge
+from .errors import AchihuoError, BackendError, EncodeError, HandlerError, TaskTooLarge
 
-__all__ = ["DoneCache", "HandlerTable", "Producer", "Serving", "Task"]
+__all__ = ["BlockingWriter", "DoneCache", "HandlerTable", "Producer", "Serving", "Task"]
 
 BULK_CHUNK = 1000
+
+log = logging.getLogger("achihuo_mini")
 
 
 @dataclass(frozen=True)
@@ -382,3 +385,44 @@ class Producer:
         outbox = self.outbox.take()
         self.cache.written([outbox], learn=False)
         return outbox
+
+
+class BlockingWriter:
+    """Writes outboxes when no event loop is running (a separate script adding tasks).
+
+    It opens its own backend objects in a private event loop on first use; :meth:`close`
+    closes them.
+    """
+
+    def __init__(self, make_store: Callable[[], Store]) -> None:
+        self._make_store = make_store
+        self._runner: asyncio.Runner | None = None
+        self._store: Store | None = None
+
+    def write(self, outbox: Outbox) -> None:
+        self._run(self._write(outbox))
+
+    async def _write(self, outbox: Outbox) -> None:
+        if self._store is None:
+            store = self._make_store()
+            await store.open()
+            self._store = store
+        await self._store.write(outbox)
+
+    def _run(self, coro: Awaitable[None]) -> None:
+        if self._runner is None:
+            self._runner = asyncio.Runner()
+        self._runner.run(coro)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        if self._runner is None:
+            return
+        store, self._store = self._store, None
+        try:
+            if store is not None:
+                self._run(store.close())
+        except AchihuoError as exc:
+            log.warning("closing the backends failed: %s", exc)
+        finally:
+            self._runner.close()
+            self._runner = None

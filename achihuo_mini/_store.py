@@ -9,7 +9,6 @@
   (``ConnectionError``/``TimeoutError``: ``BackendUnavailable``), so the rest of the core
   handles two kinds of failure, not every driver's.
 - :class:`Backoff` makes every "the backend failed, wait and try again" decision.
-- :class:`BlockingWriter` writes with no event loop running (a feeder script).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
 from ._outbox import Attempt, Outbox
@@ -34,16 +33,17 @@ from .backend import (
     WorkerRegistry,
 )
 from .config import Settings
-from .errors import AchihuoError, BackendError, BackendUnavailable, ConfigError, PluginError
+from .errors import BackendError, BackendUnavailable, ConfigError, PluginError
 from .masking import mask_secrets
 
-__all__ = ["Backoff", "BlockingWriter", "Store", "guard", "wait_event"]
+__all__ = ["Backoff", "Store", "guard", "wait_event"]
 
 log = logging.getLogger("achihuo_mini")
 
 _T = TypeVar("_T")
 _SYNC_METHODS = frozenset({"shares_done_set"})
 _PASS_THROUGH = (BackendError, ConfigError, PluginError)
+NOTIFY_WAIT = 5.0  # seconds one backend wait for new tasks may block (local events wake us sooner)
 
 
 def _fault(label: str, method: str, exc: BaseException) -> BackendError:
@@ -200,6 +200,38 @@ class Store:
             )
         self.shared: bool = bool(self.queue.shares_done_set(raw_done))
         self.opened = False
+        self._notify: asyncio.Future[None] | None = None
+
+    async def wait_for_tasks(self, local: asyncio.Event, timeout: float) -> None:
+        """Sleep until ``local`` is set, the backend says tasks may be ready, or ``timeout``.
+
+        The backend's wait outlives one call (at most :data:`NOTIFY_WAIT` s): cancelling
+        it every poll would, for Redis, drop the connection it blocks on.
+        """
+        waiter = asyncio.ensure_future(local.wait())
+        waiters: list[asyncio.Future[Any]] = [waiter]
+        if self.notifier is not None:
+            if self._notify is None:
+                self._notify = asyncio.ensure_future(self.notifier.wait_for_tasks(NOTIFY_WAIT))
+            waiters.append(self._notify)
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            await asyncio.wait([waiter])
+        notify = self._notify
+        if notify is not None and notify.done():
+            self._notify = None
+            if not notify.cancelled() and notify.exception() is not None:
+                log.debug("%s: waiting for tasks failed: %s", self.name, notify.exception())
+
+    async def stop_waiting(self) -> None:
+        notify, self._notify = self._notify, None
+        if notify is not None:
+            notify.cancel()
+            await asyncio.wait([notify])
+            if not notify.cancelled():
+                notify.exception()  # read: a failed wait is not worth a warning at exit
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -344,44 +376,3 @@ def _count(value: Any, most: int, method: str) -> int:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 100 else text[:97] + "..."
-
-
-class BlockingWriter:
-    """Writes outboxes when no event loop is running (a separate script adding tasks).
-
-    It opens its own backend objects in a private event loop on first use; :meth:`close`
-    closes them.
-    """
-
-    def __init__(self, make_store: Callable[[], Store]) -> None:
-        self._make_store = make_store
-        self._runner: asyncio.Runner | None = None
-        self._store: Store | None = None
-
-    def write(self, outbox: Outbox) -> None:
-        self._run(self._write(outbox))
-
-    async def _write(self, outbox: Outbox) -> None:
-        if self._store is None:
-            store = self._make_store()
-            await store.open()
-            self._store = store
-        await self._store.write(outbox)
-
-    def _run(self, coro: Awaitable[None]) -> None:
-        if self._runner is None:
-            self._runner = asyncio.Runner()
-        self._runner.run(coro)  # type: ignore[arg-type]
-
-    def close(self) -> None:
-        if self._runner is None:
-            return
-        store, self._store = self._store, None
-        try:
-            if store is not None:
-                self._run(store.close())
-        except AchihuoError as exc:
-            log.warning("closing the backends failed: %s", exc)
-        finally:
-            self._runner.close()
-            self._runner = None

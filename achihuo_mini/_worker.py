@@ -51,7 +51,6 @@ HOLD_BACK_DELAY = 2.0  # seconds a task for a handler only a live peer has waits
 RELEASE_WAIT = 2.0  # seconds cancelled handlers get to unwind before their leases are released
 BACKGROUND_WAIT = 15.0  # seconds the committer/heartbeat get to finish their call at shutdown
 FINAL_WRITES = 10.0  # seconds a stop keeps trying to write through an outage
-NOTIFY_WAIT = 5.0  # seconds one backend wait for new tasks may block (local events wake us sooner)
 ERROR_MAX = 2048  # characters of error text a dead letter keeps
 
 
@@ -109,7 +108,6 @@ class Worker:
         self.releases: list[Lease] = []
         self.held: list[Lease] = []  # tasks for a handler only a peer has, to release with a delay
         self.holding = 0  # ... counted against concurrency until that release is written
-        self._notify: asyncio.Future[None] | None = None
         self._dedup_base = producer.deduplicated
 
     # -- the whole serve ---------------------------------------------------------------
@@ -313,7 +311,7 @@ class Worker:
                 else:
                     idle_since = None
             self.wake.clear()
-            await self._wait_for_work(min(poll, 1.0))
+            await self.store.wait_for_tasks(self.wake, min(poll, 1.0))
             poll = min(poll * 2, 0.5)
 
     def _quiet(self, seeder: asyncio.Task[None] | None) -> bool:
@@ -335,38 +333,6 @@ class Worker:
             n = await self.store.release(stray)
             log.warning("%s: released %d leases this worker held but did not run", self.name, n)
         self.strays_due = False
-
-    async def _wait_for_work(self, timeout: float) -> None:
-        """Sleep until a local event, a backend notification or ``timeout``.
-
-        The backend's waiter outlives one poll: cancelling it every poll would, for
-        Redis, drop the connection it blocks on.
-        """
-        local = asyncio.ensure_future(self.wake.wait())
-        waiters: list[asyncio.Future[Any]] = [local]
-        notifier = self.store.notifier
-        if notifier is not None:
-            if self._notify is None:
-                self._notify = asyncio.ensure_future(notifier.wait_for_tasks(NOTIFY_WAIT))
-            waiters.append(self._notify)
-        try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            local.cancel()
-            await asyncio.wait([local])
-        notify = self._notify
-        if notify is not None and notify.done():
-            self._notify = None
-            if not notify.cancelled() and notify.exception() is not None:
-                log.debug("%s: waiting for tasks failed: %s", self.name, notify.exception())
-
-    async def _stop_notify_waiter(self) -> None:
-        notify, self._notify = self._notify, None
-        if notify is not None:
-            notify.cancel()
-            await asyncio.wait([notify])
-            if not notify.cancelled():
-                notify.exception()  # read: a failed wait is not worth a warning at exit
 
     # -- attempts ----------------------------------------------------------------------
 
@@ -585,7 +551,7 @@ class Worker:
                 attempt.cancel_reason = attempt.cancel_reason or "stop"
                 task.cancel()
             await asyncio.wait(list(self.running), timeout=RELEASE_WAIT)
-        await self._stop_notify_waiter()
+        await self.store.stop_waiting()
         # the committer and the heartbeat finish the call they are in (a write cut off
         # mid-flight would be repeated and show up as fenced), then end
         self.closing = True
@@ -631,8 +597,7 @@ class Worker:
         deadline = time.monotonic() + FINAL_WRITES
         while True:
             try:
-                await self._write_batch()
-                return
+                return await self._write_batch()
             except BackendUnavailable as exc:
                 if time.monotonic() < deadline:
                     await asyncio.sleep(0.5)
@@ -643,18 +608,23 @@ class Worker:
             break
         log.error("%s: could not write before exiting: %s", self.name, error)
         self.report.fail(f"could not write before exiting: {error}")
-        if self.commits:
-            leases = [a.lease for a in self.commits]
-            try:
-                await self.store.release(leases)
-                log.error("%s: %d finished tasks could not be acknowledged; they went back to the queue",
-                          self.name, len(leases))  # fmt: skip
+        lost = [a.lease for a in self.commits]
+        if lost and not isinstance(error, BackendUnavailable):
+            try:  # a commit the backend refuses: give the tasks back, they run again (never lost)
+                await self.store.release(lost)
+                log.error("%s: %d finished tasks went back to the queue unacknowledged", self.name, len(lost))
+                lost = []
             except BackendError:
-                log.error("%s: %d finished tasks could not be acknowledged; their leases come back after the "
-                          "lease timeout and they run again", self.name, len(leases))  # fmt: skip
-        if self.retries or self.burials or self.releases or self.held:
-            log.error("%s: the leases of %d tasks come back after the lease timeout", self.name,
-                      len(self.retries) + len(self.burials) + len(self.releases) + len(self.held))  # fmt: skip
+                pass
+        held = len(lost) + len(self.retries) + len(self.burials) + len(self.releases) + len(self.held)
+        if held:
+            log.error("%s: %d leases come back after the lease timeout (finished tasks among them run again)",
+                      self.name, held)  # fmt: skip
+        if self.producer.outbox and not isinstance(error, BackendUnavailable):
+            try:
+                await self.producer.flush_once()
+            except BackendError:
+                pass
         if self.producer.outbox:
             outbox = self.producer.take_unwritten()
             try:

@@ -12,6 +12,8 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -169,6 +171,25 @@ def _identity(w: WorkerInfo) -> tuple[Any, Any] | None:
     return (host, pid) if isinstance(host, str) and type(pid) is int else None
 
 
+def _alive_here(w: WorkerInfo) -> bool:
+    """Is the process behind ``w`` still running on this host (declared dead, not yet re-registered)?"""
+    identity = _identity(w)
+    if identity is None or identity[0] != socket.gethostname():
+        return False  # another host's process: its registration is all we can see
+    pid = identity[1]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # it exists (owned by someone else)
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2][1:2] != b"Z"  # exited, not yet reaped by its parent
+    except OSError:
+        return True
+
+
 async def _stop(store: Store, targets: Sequence[str], timeout: float) -> int:
     reg = store.registry
     if reg is None:
@@ -214,8 +235,9 @@ async def _stop(store: Store, targets: Sequence[str], timeout: float) -> int:
                 if p.worker == w.worker or (_identity(w) is not None and _identity(p) == _identity(w))
             ]
             if not same:
-                print(f"{printable(alias, 20)}: stopped")
-                del targets_left[alias]
+                if not _alive_here(w):  # declared dead but still running here: it will register again
+                    print(f"{printable(alias, 20)}: stopped")
+                    del targets_left[alias]
             elif all(p.worker != w.worker for p in same):
                 again = same[0]
                 await reg.send([again.alias], "stop")  # the same process, re-registered

@@ -8,6 +8,7 @@ Configured by environment variables:
   FAIL          "always:<i>" / "twice:<i>" make task i fail
   KILL_AFTER    SIGKILL this process right after the handler of this task returns
   SITE_URL      fetch {SITE_URL}t/{i % 60} in each handler (examples/demo_site.py serves it)
+  BLOCK         "<i>:<seconds>": the first attempt of task i blocks the whole event loop (time.sleep)
 Then: python crash_spider.py start ... (the normal command line).
 """
 
@@ -17,6 +18,7 @@ import asyncio
 import os
 import random
 import signal
+import time
 
 from achihuo_mini import AsyncLoop, Item, Task
 
@@ -29,6 +31,7 @@ FAIL = os.environ.get("FAIL", "")
 KILL_AFTER = os.environ.get("KILL_AFTER")
 EXEC_DIR = os.environ.get("EXEC_DIR")
 SITE_URL = os.environ.get("SITE_URL")
+BLOCK = os.environ.get("BLOCK", "")
 
 
 class CrashSpider(AsyncLoop):
@@ -49,6 +52,9 @@ class CrashSpider(AsyncLoop):
         if self._log_fd is not None:
             os.write(self._log_fd, f"{i}\n".encode())  # survives SIGKILL: the kernel has it
         self._attempts[i] = self._attempts.get(i, 0) + 1
+        block_task, _, block_seconds = BLOCK.partition(":")
+        if block_task and int(block_task) == i and self._attempts[i] == 1:
+            time.sleep(float(block_seconds))  # a GC pause, a suspended VM, a handler calling time.sleep
         if HANG_FIRST and i % HANG_MOD == 0 and self._attempts[i] == 1:
             await asyncio.sleep(HANG_FIRST)
         if SLEEP:
