@@ -189,7 +189,9 @@ class NullPresence:
     async def run(
         self, hooks: PresenceHooks, beat_now: asyncio.Event, closing: Callable[[], bool], backoff: Backoff
     ) -> None:
-        pass
+        while not closing():  # nothing to refresh: wait until the worker closes (it sets beat_now)
+            await beat_now.wait()
+            beat_now.clear()
 
     async def leases(self) -> list[Lease]:
         return []

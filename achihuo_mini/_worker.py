@@ -520,6 +520,7 @@ class Worker:
             held, self.held = self.held, []
             await self._lease_write(store.release(held, HOLD_BACK_DELAY), held, lambda: self.held)
             self.holding -= len(held)
+            self.wake.set()  # their slots are free again
         if self.producer.outbox:
             await self.producer.flush_once()
 

@@ -137,7 +137,6 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 
 def _list_hook(values: list[Any]) -> Any:
-    _spend()
     if values and values[0] is _ITEM:
         if len(values) != 2 or type(values[1]) is not dict:
             raise DecodeError("undecodable task: malformed Item")
@@ -148,7 +147,6 @@ def _list_hook(values: list[Any]) -> Any:
 
 
 def _object_hook(value: dict[Any, Any]) -> Any:
-    _spend()
     for key, element in value.items():
         if type(key) is not str:
             raise DecodeError(f"undecodable task: a map key of type {type(key).__name__} (only str keys are stored)")
@@ -157,13 +155,26 @@ def _object_hook(value: dict[Any, Any]) -> Any:
     return value
 
 
+def _counted_list_hook(values: list[Any]) -> Any:
+    _spend()
+    return _list_hook(values)
+
+
+def _counted_object_hook(value: dict[Any, Any]) -> Any:
+    _spend()
+    return _object_hook(value)
+
+
 def _unpack(data: bytes) -> Any:
-    _budget.left = MAX_CONTAINERS
+    # every container costs at least one byte: only a payload longer than the budget can exceed it
+    counted = len(data) > MAX_CONTAINERS
+    if counted:
+        _budget.left = MAX_CONTAINERS
     return msgpack.unpackb(
         data,
         ext_hook=_ext_hook,
-        list_hook=_list_hook,
-        object_hook=_object_hook,
+        list_hook=_counted_list_hook if counted else _list_hook,
+        object_hook=_counted_object_hook if counted else _object_hook,
         raw=False,
         strict_map_key=False,  # keys are checked by _object_hook, with a better message
         use_list=True,

@@ -19,7 +19,7 @@ from achihuo_mini.plugins import registry
 from achihuo_mini_backends.memory import drop_namespace
 
 from .conftest import store_of
-from .procs.faulty_plugin import FaultyPlugin, Waiter
+from .procs.faulty_plugin import FaultyPlugin, PlainPlugin, Waiter
 
 
 @pytest.fixture
@@ -105,3 +105,19 @@ def test_the_command_line_exits_1_when_a_plugin_breaks(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(script), "start"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stderr
     assert "'faulty-plugin' plugin's queue.commit() raised KeyError" in done.stderr
+
+
+async def test_a_queue_without_registry_or_notifier_serves_to_idle(tmp_path: Path) -> None:
+    """Optional abilities are optional: no heartbeat to run is not a dead heartbeat."""
+    registry.register_plugin(PlainPlugin(), "plain-plugin")
+    cls = type("Waiter", (Waiter,), {"NAME": f"plain-{uuid.uuid4().hex[:8]}"})
+    try:
+        loop = cls(cache_backend="plain", heartbeat_interval=0.05)
+        for i in range(20):
+            loop.add_task("quick", i)
+        await loop.flush()
+        summary = await asyncio.wait_for(loop.serve(idle_exit=0.2), 30)
+        assert summary.exit_code == 0 and summary.succeeded == 20 and summary.alias is None
+    finally:
+        registry.unregister_plugin("plain-plugin")
+        drop_namespace(cls.NAME)

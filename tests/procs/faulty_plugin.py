@@ -62,3 +62,36 @@ class Waiter(AsyncLoop):
 
     async def slow(self, i: int) -> None:
         await self.gate.wait()
+
+
+class PlainQueue:
+    """A queue with the required protocol only: no registry, no notifier (a minimal third-party backend)."""
+
+    scope = "process"
+
+    def __init__(self, namespace: str) -> None:
+        self._q = MemoryQueue(namespace)
+        self.location = f"plain:{namespace}"
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("open", "close", "push", "reserve", "commit", "release", "retry", "bury", "dead_letters",
+                    "requeue_dead", "stats", "clear"):  # fmt: skip
+            return getattr(self._q, name)
+        raise AttributeError(name)
+
+    def shares_done_set(self, done: Any) -> bool:
+        return self._q.shares_done_set(done)
+
+
+class PlainPlugin:
+    @hookimpl
+    def achihuo_register_backends(self, register: Any) -> None:
+        register(
+            BackendSpec(
+                name="plain",
+                scope="process",
+                description="the memory backend without its optional abilities",
+                create_queue=lambda ns, opts: PlainQueue(ns),  # type: ignore[arg-type,return-value]
+                create_done_set=lambda ns, opts: MemoryDoneSet(ns),
+            )
+        )
