@@ -237,21 +237,27 @@ class SqliteQueue(_Registry):
 
     # -- release, retry, bury ----------------------------------------------------------
 
-    async def release(self, leases: Sequence[Lease]) -> int:
-        """Return held leases to the head, in order, without spending a failure."""
+    async def release(self, leases: Sequence[Lease], delay: float = 0.0) -> int:
+        """Give held leases back without spending a failure; return how many were still held.
+
+        ``delay <= 0`` (or NaN): to the head, in order. ``delay > 0``: ready at the tail
+        after ``delay`` seconds, the failure count unchanged.
+        """
         if not leases:
             return 0
-        return self._woken(await self._call(self._t_release, list(leases)))
+        return self._woken(await self._call(self._t_release, list(leases), float(delay)))
 
-    def _t_release(self, c: sqlite3.Connection, leases: Sequence[Lease]) -> int:
-        held: list[int] = []
-        seen: set[int] = set()
-        for lease in leases:
-            if lease.task_id not in seen and self._held(c, lease) is not None:
-                seen.add(lease.task_id)
-                held.append(lease.task_id)
+    def _t_release(self, c: sqlite3.Connection, leases: Sequence[Lease], delay: float) -> int:
+        held = list(dict.fromkeys(lease.task_id for lease in leases if self._held(c, lease) is not None))
         delta = _Delta()
-        n = to_head(c, self._ns, held, delta)
+        if delay > 0:
+            due = time.time() + delay
+            c.executemany("UPDATE tasks SET worker = NULL, due = ? WHERE id = ?", [(due, tid) for tid in held])
+            delta.leased -= len(held)
+            delta.delayed += len(held)
+            n = len(held)
+        else:
+            n = to_head(c, self._ns, held, delta)
         delta.write(c, self._ns)
         return n
 
