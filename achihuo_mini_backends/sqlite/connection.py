@@ -7,6 +7,9 @@ lock (:func:`_file_lock`), so they do not spin in SQLite's busy back-off. Driver
 are translated here, at the boundary, into :class:`~achihuo_mini.errors.BackendError`
 (``BackendUnavailable`` when waiting may help).
 
+Opening is the one place where several processes meet a file that may not exist yet:
+see :meth:`_SqliteStore._open_in_thread`.
+
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import asyncio
 import functools
 import importlib.resources
 import os
+import random
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -91,16 +96,40 @@ def _file_lock(path: str) -> threading.Lock:
         return lock
 
 
+def _primary(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
 def _translate(exc: sqlite3.Error, where: str) -> BackendError:
     """A driver error as a :class:`BackendError` (``BackendUnavailable`` when it may pass)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    primary = code & 0xFF if isinstance(code, int) else None
+    primary = _primary(exc)
     text = str(exc)
     if primary in (_SQLITE_NOTADB, _SQLITE_CORRUPT) or "not a database" in text or "malformed" in text:
         return BackendError(f"SQLite {where}: not an SQLite database, or a corrupt one ({text})")
     if primary in _UNAVAILABLE or (primary is None and ("locked" in text or "busy" in text or "I/O" in text)):
         return BackendUnavailable(f"SQLite {where}: {text}")
     return BackendError(f"SQLite {where}: {text}")
+
+
+def _retry_busy(deadline: float, step: Callable[[], _T]) -> _T:
+    """Run ``step`` again while it fails with SQLITE_BUSY/LOCKED, until ``deadline`` (monotonic).
+
+    SQLite does not always wait for a lock: a connection that already holds a read lock
+    and asks for the write lock fails at once with SQLITE_BUSY, without calling the busy
+    handler (waiting could deadlock). ``PRAGMA journal_mode = WAL`` on a new file does just
+    that -- it reads the header, then writes it -- in every process that opens the file
+    at the same moment, so all but one of them failed at once with "database is locked".
+    """
+    pause = 0.002
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as exc:
+            if _primary(exc) not in (_SQLITE_BUSY, _SQLITE_LOCKED) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause * random.uniform(0.5, 1.5))  # in the backend's thread, never the event loop
+        pause = min(pause * 2, 0.1)
 
 
 class _SqliteStore:
@@ -216,11 +245,7 @@ class _SqliteStore:
                 result = fn(conn, *args)
                 conn.execute("COMMIT")
             except BaseException:
-                if conn.in_transaction:
-                    try:
-                        conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass  # the original error is the one to report
+                _rollback(conn)
                 raise
         finally:
             self._lock.release()
@@ -228,73 +253,88 @@ class _SqliteStore:
         return result
 
     def _open_in_thread(self) -> None:
-        try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # Create the file 0600 before SQLite does. Only ever with O_EXCL, under the
-            # process-wide lock of this path: closing ANY descriptor of an open database
-            # drops every POSIX lock this process holds on it, and another process could
-            # then delete the WAL index under our open connections.
-            with self._lock:
-                try:
-                    fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                except FileExistsError:
-                    pass
-                else:
-                    os.close(fd)
-        except OSError as exc:
-            raise BackendUnavailable(f"SQLite {self.location}: cannot create the database file: {exc}") from exc
+        """Create the file, switch it to WAL, create the schema and this loop's namespace.
+
+        Any number of processes may do this on one new file at the same moment. The
+        WAL switch and the schema transaction are retried while SQLite reports the
+        file busy without waiting (see :func:`_retry_busy`), up to ``busy_timeout``;
+        the schema is checked and created inside one ``BEGIN IMMEDIATE``, so exactly one
+        process creates it and the others see it whole.
+        """
+        self._create_file()
+        deadline = time.monotonic() + self.busy_timeout
         conn = sqlite3.connect(self.location, timeout=self.busy_timeout, isolation_level=None)
         try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise BackendError(f"SQLite {self.location}: cannot switch to WAL mode (got {mode!r})")
+            _retry_busy(deadline, functools.partial(self._switch_to_wal, conn))
             conn.execute("PRAGMA synchronous = FULL")
-            self._prepare_schema(conn)
-            name = self.namespace.encode("utf-8", "surrogatepass")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute("INSERT OR IGNORE INTO namespaces (name) VALUES (?)", (name,))
-                self._ns = int(conn.execute("SELECT id FROM namespaces WHERE name = ?", (name,)).fetchone()[0])
-                conn.execute("COMMIT")
-            finally:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+            self._ns = _retry_busy(deadline, functools.partial(self._prepare, conn))
         except BaseException:
             conn.close()
             raise
         self._conn = conn
 
-    def _prepare_schema(self, conn: sqlite3.Connection) -> None:
-        def check() -> int:
-            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            app = int(conn.execute("PRAGMA application_id").fetchone()[0])
-            if app not in (0, APPLICATION_ID) or (
-                app == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            ):
-                raise BackendError(
-                    f"SQLite {self.location}: this file is a database of another application, "
-                    "not an achihuo_mini one; choose another path"
-                )
-            if version > SCHEMA_VERSION:
-                raise BackendError(
-                    f"SQLite {self.location}: schema version {version} was written by a newer achihuo_mini; "
-                    f"this one knows versions up to {SCHEMA_VERSION}. Upgrade achihuo_mini or use another path."
-                )
-            return version
-
-        if check() == SCHEMA_VERSION:
-            return
-        conn.execute("BEGIN IMMEDIATE")
+    def _create_file(self) -> None:
+        """Create the folder and the file (0600) when missing."""
         try:
-            if check() == 0:  # nobody created it while we waited for the lock
-                for statement in SCHEMA:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Only ever with O_EXCL, under the process-wide lock of this path: closing ANY
+            # descriptor of an open database drops every POSIX lock this process holds on
+            # it, and another process could then delete the WAL index under our connections.
+            with self._lock:
+                try:
+                    fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileExistsError:
+                    return
+                os.close(fd)
+        except OSError as exc:
+            raise BackendUnavailable(f"SQLite {self.location}: cannot create the database file: {exc}") from exc
+
+    def _switch_to_wal(self, conn: sqlite3.Connection) -> None:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise BackendError(f"SQLite {self.location}: cannot switch to WAL mode (got {mode!r})")
+
+    def _prepare(self, conn: sqlite3.Connection) -> int:
+        """Check (and on a new file create) the schema and add this loop's namespace, in ONE write transaction."""
+        if not self._lock.acquire(timeout=self.busy_timeout):
+            raise BackendUnavailable(
+                f"SQLite {self.location}: still locked by this process after {self.busy_timeout} s"
+            )
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if self._schema_version(conn) == 0:
+                    for statement in SCHEMA:
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                name = self.namespace.encode("utf-8", "surrogatepass")
+                conn.execute("INSERT OR IGNORE INTO namespaces (name) VALUES (?)", (name,))
+                ns = int(conn.execute("SELECT id FROM namespaces WHERE name = ?", (name,)).fetchone()[0])
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
         finally:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            self._lock.release()
+        return ns
+
+    def _schema_version(self, conn: sqlite3.Connection) -> int:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        app = int(conn.execute("PRAGMA application_id").fetchone()[0])
+        if app not in (0, APPLICATION_ID) or (
+            app == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        ):
+            raise BackendError(
+                f"SQLite {self.location}: this file is a database of another application, "
+                "not an achihuo_mini one; choose another path"
+            )
+        if version > SCHEMA_VERSION:
+            raise BackendError(
+                f"SQLite {self.location}: schema version {version} was written by a newer achihuo_mini; "
+                f"this one knows versions up to {SCHEMA_VERSION}. Upgrade achihuo_mini or use another path."
+            )
+        return version
 
     def _is_connected(self) -> bool:
         return self._conn is not None
@@ -303,6 +343,14 @@ class _SqliteStore:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the original error is the one to report
 
 
 # -- listing loops (``achihuo loops``) ---------------------------------------------------
