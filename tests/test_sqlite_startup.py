@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -135,3 +137,42 @@ async def test_processes_opening_one_new_file_together_all_come_up(tmp_path: Pat
         outcomes = await _open_together(path, 8)
         failed = [o for o in outcomes if o != "ok"]
         assert not failed, f"round {round_}: {len(failed)} of 8 processes failed: {failed}"
+
+
+# -- folder and file modes ---------------------------------------------------------------
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o277], ids=["umask-000", "umask-022", "umask-277"])
+async def test_every_created_folder_is_0700_and_the_file_0600_whatever_the_umask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, umask: int
+) -> None:
+    """The default path under a missing $XDG_DATA_HOME, and an explicit path two missing folders deep."""
+    data_home = tmp_path / "xdg" / "share"
+    monkeypatch.setenv("XDG_DATA_HOME", str(data_home))
+    explicit = tmp_path / "a" / "b" / "loops.sqlite3"
+    tmp_path.chmod(0o755)  # a folder that exists already keeps its mode
+    queues = [SqliteQueue("moded"), SqliteQueue("moded", path=explicit)]
+    old = os.umask(umask)  # process-wide: restored before anything else runs
+    try:
+        for q in queues:
+            await q.open()
+            assert await q.push([NewTask(b"x")]) == 1  # creates the -wal and -shm files
+    finally:
+        os.umask(old)
+    try:
+        files = [Path(q.location) for q in queues]
+        assert files[0] == data_home / "achihuo_mini" / "moded.sqlite3"
+        for folder in (tmp_path / "xdg", data_home, data_home / "achihuo_mini", tmp_path / "a", tmp_path / "a" / "b"):
+            assert _mode(folder) == 0o700, f"{folder}: {oct(_mode(folder))}"
+        for file in files:
+            for suffix in ("", "-wal", "-shm"):
+                path = file.with_name(file.name + suffix)
+                assert _mode(path) == 0o600, f"{path}: {oct(_mode(path))}"
+    finally:
+        for q in queues:
+            await q.close()
+    assert _mode(tmp_path) == 0o755, "a folder that existed keeps its mode"

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from achihuo_mini.backend_kit import default_data_dir, safe_filename
+from achihuo_mini.backend_kit import default_data_dir, private_dir, safe_filename
 from achihuo_mini.errors import BackendError, BackendUnavailable, ConfigError
 from achihuo_mini.plugins import Option
 
@@ -172,7 +172,7 @@ class _SqliteStore:
         return f"{type(self).__name__}({self.location!r}, namespace={self.namespace!r})"
 
     async def open(self) -> None:
-        """Create the folder, file (0600) and schema when missing; connect in the worker thread.
+        """Create the folders (0700), file (0600) and schema when missing; connect in the worker thread.
 
         Raises :class:`BackendError` for a file that is not an achihuo_mini
         database or has a newer schema, ``BackendUnavailable`` when it stays locked.
@@ -274,9 +274,9 @@ class _SqliteStore:
         self._conn = conn
 
     def _create_file(self) -> None:
-        """Create the folder and the file (0600) when missing."""
+        """Create the folders 0700 and the file 0600 (whatever the umask) when missing."""
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_dir(self.path.parent)
             # Only ever with O_EXCL, under the process-wide lock of this path: closing ANY
             # descriptor of an open database drops every POSIX lock this process holds on
             # it, and another process could then delete the WAL index under our connections.
@@ -285,7 +285,10 @@ class _SqliteStore:
                     fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 except FileExistsError:
                     return
-                os.close(fd)
+                try:
+                    os.fchmod(fd, 0o600)  # the mode given to open() is filtered by the umask
+                finally:
+                    os.close(fd)
         except OSError as exc:
             raise BackendUnavailable(f"SQLite {self.location}: cannot create the database file: {exc}") from exc
 
