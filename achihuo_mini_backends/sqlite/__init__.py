@@ -25,6 +25,13 @@ Requirements and guarantees
   that creates, uses and closes its connection; lock waits (``busy_timeout``)
   happen in that thread. Connections of one process to one file also queue on a
   process-wide lock, so they do not spin in SQLite's busy-retry back-off.
+- **Bad records cost themselves only.** Whatever is in the file may have been written
+  by someone else: each operation checks the rows it reads before its first write
+  (:mod:`.rows`). A ready task that cannot be leased goes to the dead letters with the
+  reason; an unreadable registry entry is skipped with a warning (logger
+  ``achihuo_mini.backends.sqlite``); no driver error, and no error from reading a
+  damaged row, leaves a method except as :class:`~achihuo_mini.errors.BackendError`
+  (``BackendUnavailable`` for a file that stays locked), the original chained.
 - The clock is the host's ``time.time()`` (host scope: the host clock is the
   backend's clock): delayed tasks and worker heartbeats survive restarts.
 
@@ -57,6 +64,7 @@ Modules
 -------
 ``connection``  the worker thread, ``_call``, the per-file lock, opening, error translation
 ``statements``  hot-path SQL, batching of statements, the ready deque's positions
+``rows``        checks for rows read back (untrusted)
 ``queue``       :class:`SqliteQueue`
 ``registry``    its worker registry and idle-wait notifier
 ``done``        :class:`SqliteDoneSet`
@@ -69,13 +77,20 @@ from typing import Any
 
 from achihuo_mini.plugins import BackendSpec, hookimpl
 
-from .connection import APPLICATION_ID, MIN_SQLITE_VERSION, OPTIONS, SCHEMA_VERSION, list_loops
+from .connection import (
+    APPLICATION_ID,
+    MIN_SQLITE_VERSION,
+    OPTIONS,
+    SCHEMA_VERSION,
+    list_loops,
+)
 from .done import SqliteDoneSet
-from .queue import ERROR_LIMIT, PROMOTE_LIMIT, SqliteQueue
+from .queue import BURY_LIMIT, ERROR_LIMIT, PROMOTE_LIMIT, SqliteQueue
 from .statements import *  # noqa: F403 -- SQL_*, BATCH_*, CHUNK, _batch: the tests check their query plans
 
 __all__ = [
     "APPLICATION_ID",
+    "BURY_LIMIT",
     "ERROR_LIMIT",
     "MIN_SQLITE_VERSION",
     "OPTIONS",

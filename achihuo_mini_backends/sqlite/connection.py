@@ -4,12 +4,11 @@ Each backend instance owns ONE worker thread that creates, uses and closes its
 connection; coroutines hand work to it (:meth:`_SqliteStore._call`), so lock waits never
 block the event loop. Writers of one file in one process also queue on a process-wide
 lock (:func:`_file_lock`), so they do not spin in SQLite's busy back-off. Driver errors
-are translated here, at the boundary, into :class:`~achihuo_mini.errors.BackendError`
-(``BackendUnavailable`` when waiting may help).
+and errors from reading damaged rows are translated here, at the boundary, into
+:class:`~achihuo_mini.errors.BackendError` (``BackendUnavailable`` when waiting may help).
 
 Opening is the one place where several processes meet a file that may not exist yet:
 see :meth:`_SqliteStore._open_in_thread`.
-
 """
 
 from __future__ import annotations
@@ -29,7 +28,10 @@ from typing import Any, Literal, TypeVar
 
 from achihuo_mini.backend_kit import default_data_dir, private_dir, safe_filename
 from achihuo_mini.errors import BackendError, BackendUnavailable, ConfigError
+from achihuo_mini.masking import mask_secrets
 from achihuo_mini.plugins import Option
+
+from .rows import decode_text, log
 
 MIN_SQLITE_VERSION = (3, 24, 0)
 """Oldest SQLite library this backend runs on (UPSERT with a conflict target)."""
@@ -62,11 +64,13 @@ OPTIONS: dict[str, Option] = {
         float,
         30.0,
         "seconds to wait for a lock held by another connection before the backend counts as unavailable",
+        minimum=0.0,
     ),
     "poll_interval": Option(
         float,
         0.05,
         "seconds between the checks an idle worker makes for new tasks (other processes cannot wake it)",
+        minimum=0.0,
     ),
 }
 
@@ -82,6 +86,9 @@ _SQLITE_CANTOPEN = 14
 _SQLITE_PROTOCOL = 15
 _SQLITE_NOTADB = 26
 _UNAVAILABLE = {_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_PROTOCOL}
+
+_DATA_ERRORS = (ValueError, TypeError, ArithmeticError, LookupError, RecursionError)
+"""What reading a damaged row can raise in Python (json errors and UnicodeError are ValueErrors)."""
 
 _FILE_LOCKS: dict[str, threading.Lock] = {}
 _FILE_LOCKS_GUARD = threading.Lock()
@@ -104,7 +111,7 @@ def _primary(exc: sqlite3.Error) -> int | None:
 def _translate(exc: sqlite3.Error, where: str) -> BackendError:
     """A driver error as a :class:`BackendError` (``BackendUnavailable`` when it may pass)."""
     primary = _primary(exc)
-    text = str(exc)
+    text = mask_secrets(str(exc))
     if primary in (_SQLITE_NOTADB, _SQLITE_CORRUPT) or "not a database" in text or "malformed" in text:
         return BackendError(f"SQLite {where}: not an SQLite database, or a corrupt one ({text})")
     if primary in _UNAVAILABLE or (primary is None and ("locked" in text or "busy" in text or "I/O" in text)):
@@ -194,64 +201,6 @@ class _SqliteStore:
             await self.close()
             raise
 
-    async def close(self) -> None:
-        """Close the connection and stop the worker thread. Idempotent; data stays."""
-        executor, self._executor = self._executor, None
-        if executor is None:
-            return
-        try:
-            await asyncio.get_running_loop().run_in_executor(executor, self._close_in_thread)
-        finally:
-            executor.shutdown(wait=False)
-
-    async def _call(
-        self, fn: Callable[..., _T], *args: Any, mode: Literal["write", "read", "none", "open"] = "write"
-    ) -> _T:
-        """Run ``fn(connection, *args)`` in the worker thread.
-
-        ``write``: in one ``BEGIN IMMEDIATE`` transaction; ``read``: in one read
-        transaction (a consistent snapshot); ``none``: no transaction.
-        """
-        executor = self._executor
-        if executor is None:
-            raise BackendError(f"{self!r} is not open (await open() first)")
-        job = functools.partial(self._in_thread, fn, args, mode)
-        try:
-            return await asyncio.get_running_loop().run_in_executor(executor, job)
-        except sqlite3.Error as exc:
-            raise _translate(exc, self.location) from exc
-
-    def _in_thread(self, fn: Callable[..., _T], args: tuple[Any, ...], mode: str) -> _T:
-        if mode == "open":
-            return fn(*args)
-        conn = self._conn
-        if conn is None:
-            raise BackendError(f"{self!r} is closed")
-        if mode == "none":
-            return fn(conn, *args)
-        if mode == "read":
-            conn.execute("BEGIN")
-            try:
-                return fn(conn, *args)
-            finally:
-                conn.execute("COMMIT")
-        if not self._lock.acquire(timeout=self.busy_timeout):
-            raise BackendUnavailable(
-                f"SQLite {self.location}: still locked by this process after {self.busy_timeout} s"
-            )
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn, *args)
-                conn.execute("COMMIT")
-            except BaseException:
-                _rollback(conn)
-                raise
-        finally:
-            self._lock.release()
-            self._probe_cache = None  # our own commits do not change PRAGMA data_version
-        return result
-
     def _open_in_thread(self) -> None:
         """Create the file, switch it to WAL, create the schema and this loop's namespace.
 
@@ -265,6 +214,7 @@ class _SqliteStore:
         deadline = time.monotonic() + self.busy_timeout
         conn = sqlite3.connect(self.location, timeout=self.busy_timeout, isolation_level=None)
         try:
+            conn.text_factory = decode_text
             _retry_busy(deadline, functools.partial(self._switch_to_wal, conn))
             conn.execute("PRAGMA synchronous = FULL")
             self._ns = _retry_busy(deadline, functools.partial(self._prepare, conn))
@@ -339,6 +289,16 @@ class _SqliteStore:
             )
         return version
 
+    async def close(self) -> None:
+        """Close the connection and stop the worker thread. Idempotent; data stays."""
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self._close_in_thread)
+        finally:
+            executor.shutdown(wait=False)
+
     def _is_connected(self) -> bool:
         return self._conn is not None
 
@@ -346,6 +306,60 @@ class _SqliteStore:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+    async def _call(
+        self,
+        fn: Callable[..., _T],
+        *args: Any,
+        mode: Literal["write", "read", "none", "open"] = "write",
+    ) -> _T:
+        """Run ``fn(connection, *args)`` in the worker thread; translate what it raises.
+
+        ``write``: in one ``BEGIN IMMEDIATE`` transaction; ``read``: in one read
+        transaction (a consistent snapshot); ``none``: no transaction.
+        """
+        executor = self._executor
+        if executor is None:
+            raise BackendError(f"{self!r} is not open (await open() first)")
+        job = functools.partial(self._in_thread, fn, args, mode)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, job)
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.location) from exc
+        except _DATA_ERRORS as exc:  # a damaged row that a check let through: still the backend's error
+            text = mask_secrets(f"{type(exc).__name__}: {exc}")
+            raise BackendError(f"SQLite {self.location}: unreadable data ({text})") from exc
+
+    def _in_thread(self, fn: Callable[..., _T], args: tuple[Any, ...], mode: str) -> _T:
+        if mode == "open":
+            return fn(*args)
+        conn = self._conn
+        if conn is None:
+            raise BackendError(f"{self!r} is closed")
+        if mode == "none":
+            return fn(conn, *args)
+        if mode == "read":
+            conn.execute("BEGIN")
+            try:
+                return fn(conn, *args)
+            finally:
+                conn.execute("COMMIT")
+        if not self._lock.acquire(timeout=self.busy_timeout):
+            raise BackendUnavailable(
+                f"SQLite {self.location}: still locked by this process after {self.busy_timeout} s"
+            )
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn, *args)
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+        finally:
+            self._lock.release()
+            self._probe_cache = None  # our own commits do not change PRAGMA data_version
+        return result
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -376,12 +390,19 @@ def _names_in(files: Sequence[Path]) -> list[str]:
         except sqlite3.Error:
             continue
         try:
+            conn.text_factory = decode_text
             rows = conn.execute(  # the counters are exact: a cleared loop has none left
                 "SELECT name FROM namespaces WHERE ready + delayed + leased + dead + done > 0"
             ).fetchall()
-        except sqlite3.DatabaseError:
-            continue  # not an achihuo_mini database
+        except sqlite3.Error:
+            continue  # not an achihuo_mini database, or locked for longer than 5 s
         finally:
             conn.close()
-        names.update(bytes(row[0]).decode("utf-8", "surrogatepass") for row in rows)
+        for (name,) in rows:
+            try:
+                if type(name) is not bytes:
+                    raise TypeError(type(name).__name__)
+                names.add(name.decode("utf-8", "surrogatepass"))
+            except (TypeError, UnicodeDecodeError):  # not a name this backend wrote
+                log.warning("SQLite %s: skipped a namespace whose name is not UTF-8 bytes", file)
     return sorted(names)

@@ -6,6 +6,7 @@ import sqlite3
 from collections.abc import Sequence
 
 from .connection import _SqliteStore
+from .rows import is_count, log
 from .statements import BATCH_DONE_ADD, BATCH_DONE_REMOVE, _batch, _chunks, _Delta
 
 
@@ -60,7 +61,11 @@ class SqliteDoneSet(_SqliteStore):
             chunk = distinct[i : i + 500]
             marks = ",".join("?" * len(chunk))
             found.update(
-                row[0] for row in c.execute(f"SELECT key FROM done WHERE ns = ? AND key IN ({marks})", (ns, *chunk))
+                row[0]
+                for row in c.execute(
+                    f"SELECT key FROM done WHERE ns = ? AND key IN ({marks})",
+                    (ns, *chunk),
+                )
             )
         return [k in found for k in keys]
 
@@ -77,11 +82,19 @@ class SqliteDoneSet(_SqliteStore):
         return n
 
     async def count(self) -> int:
-        """Number of keys in the set (O(1): a counter kept with the rows)."""
+        """Number of keys in the set (O(1): a counter kept with the rows; counted when it is damaged)."""
         return await self._call(self._t_count, mode="read")
 
     def _t_count(self, c: sqlite3.Connection) -> int:
-        return int(c.execute("SELECT done FROM namespaces WHERE id = ?", (self._ns,)).fetchone()[0])
+        row = c.execute("SELECT done FROM namespaces WHERE id = ?", (self._ns,)).fetchone()
+        if row is not None and is_count(row[0]):
+            return int(row[0])
+        log.warning(
+            "SQLite %s: the done counter of %r is damaged; counting the rows",
+            self.location,
+            self.namespace,
+        )
+        return int(c.execute("SELECT count(*) FROM done WHERE ns = ?", (self._ns,)).fetchone()[0])
 
     async def clear(self) -> None:
         """Remove every key of this namespace."""

@@ -11,12 +11,28 @@ import itertools
 import sqlite3
 import time
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
-from achihuo_mini.backend import Commit, DeadLetter, DoneSetBackend, Lease, NewTask, QueueStats
+from achihuo_mini.backend import (
+    Commit,
+    DeadLetter,
+    DoneSetBackend,
+    Lease,
+    NewTask,
+    QueueStats,
+)
 
 from .done import SqliteDoneSet, add_done, remove_done
 from .registry import _Registry
+from .rows import (
+    as_blob,
+    dead_letter,
+    is_count,
+    log,
+    requeue_problem,
+    task_problem,
+    valid_key,
+)
 from .statements import (
     BATCH_ACK,
     BATCH_BLOCKED,
@@ -43,6 +59,9 @@ ERROR_LIMIT = 2048
 
 PROMOTE_LIMIT = 10_000
 """At most this many due delayed tasks move to the tail in one ``reserve`` (bounds the transaction)."""
+
+BURY_LIMIT = 1_000
+"""At most this many unreadable ready tasks are moved to the dead letters in one ``reserve``."""
 
 
 class SqliteQueue(_Registry):
@@ -78,7 +97,10 @@ class SqliteQueue(_Registry):
         earlier one (each group in its own order), where separate pushes put them.
         """
         ns = self._ns
-        blocked = self._blocked(c, [t.key for group in groups for t in group if t.unique and t.key is not None])
+        blocked = self._blocked(
+            c,
+            [t.key for group in groups for t in group if t.unique and t.key is not None],
+        )
         pending: dict[bytes, int] = {}  # keys accepted in this call: pending from here on
         accepted: list[tuple[list[NewTask], int]] = []  # (tasks of a group, how many go to the head)
         heads = tails = 0
@@ -142,7 +164,12 @@ class SqliteQueue(_Registry):
     # -- reserve -----------------------------------------------------------------------
 
     async def reserve(self, worker: str, limit: int) -> list[Lease]:
-        """Move due delayed tasks to the tail, then lease up to ``limit`` ready tasks, head first."""
+        """Move due delayed tasks to the tail, then lease up to ``limit`` ready tasks, head first.
+
+        A ready task that cannot be read (a payload that is not a BLOB, a key that is not a
+        16-byte BLOB, an attempt or failure count that is not an integer) is moved to the
+        dead letters with the reason as its error, instead of being leased.
+        """
         if limit <= 0:
             return []
         return await self._call(self._t_reserve, worker, limit)
@@ -154,22 +181,55 @@ class SqliteQueue(_Registry):
         if due:
             start = tail_end(c, ns) + 1
             c.executemany(
-                "UPDATE tasks SET due = NULL, pos = ? WHERE id = ?", [(start + i, tid) for i, tid in enumerate(due)]
+                "UPDATE tasks SET due = NULL, pos = ? WHERE id = ?",
+                [(start + i, tid) for i, tid in enumerate(due)],
             )
             delta.delayed -= len(due)
             delta.ready += len(due)
-        leases = [
-            Lease(int(tid), payload, key, worker, int(attempt) + 1, int(failures))
-            for tid, payload, key, attempt, failures in c.execute(SQL_READY, (ns, limit))
-        ]
-        if leases:
-            stored = _text(worker)
-            for chunk in _chunks([lease.task_id for lease in leases]):
-                c.execute(_batch(BATCH_LEASE, len(chunk)), (stored, *chunk))
-            delta.ready -= len(leases)
-            delta.leased += len(leases)
+        leases: list[Lease] = []
+        buried = 0
+        stored = _text(worker)
+        while len(leases) < limit:
+            want = limit - len(leases)
+            rows = c.execute(SQL_READY, (ns, want)).fetchall()
+            good: list[Lease] = []
+            bad: list[tuple[int, Any, Any, Any, str]] = []
+            for tid, payload, key, attempt, failures in rows:
+                problem = task_problem(payload, key, attempt, failures)
+                if problem is None:
+                    good.append(Lease(tid, payload, key, worker, attempt + 1, failures))
+                else:
+                    bad.append((tid, payload, key, failures, problem))
+            if good:
+                for chunk in _chunks([lease.task_id for lease in good]):
+                    c.execute(_batch(BATCH_LEASE, len(chunk)), (stored, *chunk))
+                delta.ready -= len(good)
+                delta.leased += len(good)
+                leases += good
+            if not bad:
+                break
+            self._bury_unreadable(c, bad, delta)
+            buried += len(bad)
+            if len(rows) < want or buried >= BURY_LIMIT:
+                break
         delta.write(c, ns)
         return leases
+
+    def _bury_unreadable(
+        self, c: sqlite3.Connection, bad: Sequence[tuple[int, Any, Any, Any, str]], delta: _Delta
+    ) -> None:
+        """Move ready tasks that cannot be leased to the dead letters, the reason as their error."""
+        rows = []
+        for tid, payload, key, failures, problem in bad:
+            log.warning("SQLite %s: task %d of loop %r: %s; buried", self.location, tid, self.namespace, problem)
+            error = f"unreadable task: {problem}"
+            blob_key = key if valid_key(key) else None
+            rows.append((self._ns, tid, as_blob(payload), blob_key, error, failures if is_count(failures) else 0))
+        c.executemany("INSERT INTO dead (ns, task_id, payload, key, error, failures) VALUES (?, ?, ?, ?, ?, ?)", rows)
+        c.executemany("DELETE FROM tasks WHERE id = ?", [(tid,) for tid, *_ in bad])
+        decrement_pending(c, self._ns, [key for _, _, key, _, _ in bad])
+        delta.ready -= len(bad)
+        delta.dead += len(bad)
 
     # -- commit ------------------------------------------------------------------------
 
@@ -230,10 +290,10 @@ class SqliteQueue(_Registry):
                     mask[int(index)] = True
         return mask
 
-    def _held(self, c: sqlite3.Connection, lease: Lease) -> tuple[bytes | None, bytes, int] | None:
-        """``(key, payload, failures)`` when ``lease`` is still held, else None (fenced)."""
+    def _held(self, c: sqlite3.Connection, lease: Lease) -> tuple[Any, Any, int] | None:
+        """``(key, payload, failures)`` as stored when ``lease`` is still held, else None (fenced)."""
         row = c.execute(SQL_HELD, (lease.task_id, self._ns, _text(lease.worker), lease.attempt)).fetchone()
-        return None if row is None else (row[0], row[1], int(row[2]))
+        return None if row is None else (row[0], row[1], row[2] if is_count(row[2]) else 0)
 
     # -- release, retry, bury ----------------------------------------------------------
 
@@ -252,7 +312,10 @@ class SqliteQueue(_Registry):
         delta = _Delta()
         if delay > 0:
             due = time.time() + delay
-            c.executemany("UPDATE tasks SET worker = NULL, due = ? WHERE id = ?", [(due, tid) for tid in held])
+            c.executemany(
+                "UPDATE tasks SET worker = NULL, due = ? WHERE id = ?",
+                [(due, tid) for tid in held],
+            )
             delta.leased -= len(held)
             delta.delayed += len(held)
             n = len(held)
@@ -293,7 +356,7 @@ class SqliteQueue(_Registry):
     def _t_bury(self, c: sqlite3.Connection, items: Sequence[tuple[Lease, str]]) -> int:
         delta = _Delta()
         n = 0
-        keys: list[bytes | None] = []
+        keys: list[Any] = []
         for lease, error in items:
             held = self._held(c, lease)
             if held is None:
@@ -303,7 +366,14 @@ class SqliteQueue(_Registry):
             text = _text(error[:ERROR_LIMIT])[:ERROR_LIMIT]
             c.execute(
                 "INSERT INTO dead (ns, task_id, payload, key, error, failures) VALUES (?, ?, ?, ?, ?, ?)",
-                (self._ns, lease.task_id, payload, key, text, failures + 1),
+                (
+                    self._ns,
+                    lease.task_id,
+                    as_blob(payload),
+                    key if valid_key(key) else None,
+                    text,
+                    failures + 1,
+                ),
             )
             c.execute("DELETE FROM tasks WHERE id = ?", (lease.task_id,))
             n += 1
@@ -316,34 +386,60 @@ class SqliteQueue(_Registry):
     # -- dead letters ------------------------------------------------------------------
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """Up to ``limit`` dead letters, oldest first."""
+        """Up to ``limit`` dead letters, oldest first (a damaged one as far as it can be read)."""
         if limit <= 0:
             return []
         return await self._call(self._t_dead_letters, limit, mode="read")
 
     def _t_dead_letters(self, c: sqlite3.Connection, limit: int) -> list[DeadLetter]:
         rows = c.execute(
-            "SELECT task_id, payload, key, error, failures FROM dead WHERE ns = ? ORDER BY id LIMIT ?",
+            "SELECT id, task_id, payload, key, error, failures FROM dead WHERE ns = ? ORDER BY id LIMIT ?",
             (self._ns, limit),
         )
-        return [DeadLetter(int(tid), payload, key, error, int(failures)) for tid, payload, key, error, failures in rows]
+        letters = []
+        for row_id, *fields in rows:
+            letter, problems = dead_letter(*fields)
+            if problems:
+                log.warning(
+                    "SQLite %s: dead letter %d of loop %r is damaged: %s",
+                    self.location, row_id, self.namespace, "; ".join(problems),
+                )  # fmt: skip
+            letters.append(letter)
+        return letters
 
     async def requeue_dead(self, limit: int | None = None) -> int:
-        """Push up to ``limit`` (all when None) dead letters back to the ready tail, failures reset."""
+        """Push up to ``limit`` (all when None) dead letters back to the ready tail, failures reset.
+
+        A dead letter whose payload or key is damaged stays where it is, with a warning.
+        """
         if limit is not None and limit <= 0:
             return 0
-        return self._woken(await self._call(self._t_requeue_dead, -1 if limit is None else limit))
+        return self._woken(await self._call(self._t_requeue_dead, limit))
 
-    def _t_requeue_dead(self, c: sqlite3.Connection, limit: int) -> int:
-        rows = c.execute(
-            "SELECT id, payload, key FROM dead WHERE ns = ? ORDER BY id LIMIT ?", (self._ns, limit)
-        ).fetchall()
-        if not rows:
+    def _t_requeue_dead(self, c: sqlite3.Connection, limit: int | None) -> int:
+        rows = c.execute("SELECT id, payload, key FROM dead WHERE ns = ? ORDER BY id", (self._ns,))
+        chosen: list[tuple[int, bytes, bytes | None]] = []
+        for row_id, payload, key in rows:
+            problem = requeue_problem(payload, key)
+            if problem is None:
+                chosen.append((row_id, payload, key))
+                if len(chosen) == limit:
+                    break
+            else:
+                log.warning(
+                    "SQLite %s: dead letter %d of loop %r stays: %s",
+                    self.location,
+                    row_id,
+                    self.namespace,
+                    problem,
+                )
+        rows.close()
+        if not chosen:
             return 0
-        c.executemany("DELETE FROM dead WHERE id = ?", [(row[0],) for row in rows])
+        c.executemany("DELETE FROM dead WHERE id = ?", [(row_id,) for row_id, _, _ in chosen])
         delta = _Delta()
-        delta.dead -= len(rows)
-        n = self._insert(c, [[NewTask(payload, key) for _, payload, key in rows]], delta)
+        delta.dead -= len(chosen)
+        n = self._insert(c, [[NewTask(payload, key) for _, payload, key in chosen]], delta)
         delta.write(c, self._ns)
         return n
 
@@ -354,8 +450,22 @@ class SqliteQueue(_Registry):
         return await self._call(self._t_stats, mode="read")
 
     def _t_stats(self, c: sqlite3.Connection) -> QueueStats:
-        row = c.execute("SELECT ready, delayed, leased, dead FROM namespaces WHERE id = ?", (self._ns,)).fetchone()
-        return QueueStats(ready=int(row[0]), delayed=int(row[1]), leased=int(row[2]), dead=int(row[3]))
+        ns = self._ns
+        row = c.execute("SELECT ready, delayed, leased, dead FROM namespaces WHERE id = ?", (ns,)).fetchone()
+        if row is None or not all(map(is_count, row)):
+            log.warning(
+                "SQLite %s: the counters of loop %r are damaged; counting the rows",
+                self.location,
+                self.namespace,
+            )
+            row = c.execute(
+                "SELECT (SELECT count(*) FROM tasks WHERE ns = :ns AND pos IS NOT NULL),"
+                " (SELECT count(*) FROM tasks WHERE ns = :ns AND due IS NOT NULL),"
+                " (SELECT count(*) FROM tasks WHERE ns = :ns AND worker IS NOT NULL),"
+                " (SELECT count(*) FROM dead WHERE ns = :ns)",
+                {"ns": ns},
+            ).fetchone()
+        return QueueStats(ready=row[0], delayed=row[1], leased=row[2], dead=row[3])
 
     async def clear(self, what: Literal["queue", "dead"] = "queue") -> None:
         """``queue``: drop ready, delayed and leased tasks and pending counts. ``dead``: drop dead letters."""
@@ -371,4 +481,7 @@ class SqliteQueue(_Registry):
             return
         c.execute("DELETE FROM tasks WHERE ns = ?", (ns,))
         c.execute("DELETE FROM pending WHERE ns = ?", (ns,))
-        c.execute("UPDATE namespaces SET ready = 0, delayed = 0, leased = 0 WHERE id = ?", (ns,))
+        c.execute(
+            "UPDATE namespaces SET ready = 0, delayed = 0, leased = 0 WHERE id = ?",
+            (ns,),
+        )

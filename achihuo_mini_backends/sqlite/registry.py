@@ -2,7 +2,8 @@
 
 :class:`_Registry` is the base class of :class:`~achihuo_mini_backends.sqlite.SqliteQueue`
 that implements :class:`~achihuo_mini.backend.WorkerRegistry` (tables ``workers`` and
-``mailbox``) and :class:`~achihuo_mini.backend.Notifier`.
+``mailbox``) and :class:`~achihuo_mini.backend.Notifier`. Registry entries are read with
+:mod:`.rows`: an entry that cannot be read is skipped with a warning, never an error.
 """
 
 from __future__ import annotations
@@ -16,15 +17,27 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from achihuo_mini.backend import Lease, WorkerInfo
+from achihuo_mini.backend_kit import alias_order, lowest_free_alias
 
 from .connection import _SqliteStore
+from .rows import (
+    is_number,
+    liveness_problem,
+    log,
+    show,
+    task_problem,
+    valid_text,
+    worker_entry,
+)
 from .statements import (
     SQL_ANY_READY,
     SQL_LEASED_BY,
+    SQL_LEASES,
     SQL_NEXT_DUE,
     SQL_ORPHANS,
     _Delta,
     _text,
+    tail_end,
     to_head,
 )
 
@@ -69,12 +82,10 @@ class _Registry(_SqliteStore):
 
     def _t_register(self, c: sqlite3.Connection, worker: str, role: str, info: str, ttl: float) -> str:
         ns = self._ns
-        prefix = "m" if role == "master" else "s"
-        taken = {row[0] for row in c.execute("SELECT alias FROM workers WHERE ns = ?", (ns,))}
-        number = 1
-        while f"{prefix}{number}" in taken:
-            number += 1
-        alias = f"{prefix}{number}"
+        alias = lowest_free_alias(
+            role,
+            [row[0] for row in c.execute("SELECT alias FROM workers WHERE ns = ?", (ns,))],
+        )
         self._forget_workers(c, [worker])
         c.execute(
             "INSERT INTO workers (ns, worker, alias, role, info, last_seen, ttl) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -94,16 +105,33 @@ class _Registry(_SqliteStore):
         )
         if cur.rowcount == 0:
             return None
-        rows = c.execute("SELECT id, command FROM mailbox WHERE ns = ? AND worker = ? ORDER BY id", (ns, worker))
-        commands = rows.fetchall()
-        if commands:
+        rows = c.execute(
+            "SELECT id, command FROM mailbox WHERE ns = ? AND worker = ? ORDER BY id",
+            (ns, worker),
+        ).fetchall()
+        if rows:
             c.execute("DELETE FROM mailbox WHERE ns = ? AND worker = ?", (ns, worker))
-        return [str(command) for _, command in commands]
+        commands = []
+        for mail_id, command in rows:
+            if valid_text(command):
+                commands.append(command)
+            else:
+                log.warning(
+                    "SQLite %s: dropped command %s for worker %s of loop %r: it is not text",
+                    self.location, mail_id, worker, self.namespace,
+                )  # fmt: skip
+        return commands
 
     def _forget_workers(self, c: sqlite3.Connection, workers: Sequence[str]) -> None:
         ns = self._ns
-        c.executemany("DELETE FROM workers WHERE ns = ? AND worker = ?", [(ns, w) for w in workers])
-        c.executemany("DELETE FROM mailbox WHERE ns = ? AND worker = ?", [(ns, w) for w in workers])
+        c.executemany(
+            "DELETE FROM workers WHERE ns = ? AND worker = ?",
+            [(ns, w) for w in workers],
+        )
+        c.executemany(
+            "DELETE FROM mailbox WHERE ns = ? AND worker = ?",
+            [(ns, w) for w in workers],
+        )
 
     async def unregister(self, worker: str) -> None:
         """Remove the worker, its alias and mailbox; release its leases to the head."""
@@ -118,17 +146,31 @@ class _Registry(_SqliteStore):
         return n
 
     async def workers(self) -> list[WorkerInfo]:
-        """Registered workers (expired ones included until recovered), ordered by alias."""
+        """Registered workers (expired ones included until recovered), ordered by alias.
+
+        An entry that cannot be read (info that is not a JSON object, a worker id, alias or
+        role that is not text, a heartbeat time that is not a number) is left out, with a
+        warning. An alias that is text but no alias (``s²``) is listed last.
+        """
         return await self._call(self._t_workers, mode="read")
 
     def _t_workers(self, c: sqlite3.Connection) -> list[WorkerInfo]:
         now = time.time()
-        rows = c.execute("SELECT worker, alias, role, info, last_seen FROM workers WHERE ns = ?", (self._ns,))
-        found = [
-            WorkerInfo(worker, alias, role, json.loads(info), max(now - last_seen, 0.0))
-            for worker, alias, role, info, last_seen in rows
-        ]
-        return sorted(found, key=_alias_order)
+        found: list[WorkerInfo] = []
+        rows = c.execute(
+            "SELECT worker, alias, role, info, last_seen FROM workers WHERE ns = ?",
+            (self._ns,),
+        )
+        for worker, alias, role, info, last_seen in rows:
+            entry = worker_entry(worker, alias, role, info, last_seen, now)
+            if isinstance(entry, str):
+                log.warning(
+                    "SQLite %s: skipped registry entry %s of loop %r: %s",
+                    self.location, show(worker), self.namespace, entry,
+                )  # fmt: skip
+            else:
+                found.append(entry)
+        return sorted(found, key=lambda w: alias_order(w.alias))
 
     async def send(self, aliases: Sequence[str], command: str) -> list[str]:
         """Append ``command`` to the mailbox of each alias; return the aliases that exist."""
@@ -138,42 +180,95 @@ class _Registry(_SqliteStore):
 
     def _t_send(self, c: sqlite3.Connection, aliases: Sequence[str], command: str) -> list[str]:
         ns = self._ns
-        found: dict[str, str] = {}
+        found: set[str] = set()
         for alias in dict.fromkeys(aliases):
-            row = c.execute("SELECT worker FROM workers WHERE ns = ? AND alias = ?", (ns, _text(alias))).fetchone()
-            if row is not None:
-                found[alias] = row[0]
-                c.execute("INSERT INTO mailbox (ns, worker, command) VALUES (?, ?, ?)", (ns, row[0], command))
+            row = c.execute(
+                "SELECT worker FROM workers WHERE ns = ? AND alias = ?",
+                (ns, _text(alias)),
+            ).fetchone()
+            if row is None:
+                continue
+            if not valid_text(row[0]):
+                log.warning(
+                    "SQLite %s: not sending to %s of loop %r: its registry entry has a worker id that is not text",
+                    self.location, show(alias), self.namespace,
+                )  # fmt: skip
+                continue
+            found.add(alias)
+            c.execute(
+                "INSERT INTO mailbox (ns, worker, command) VALUES (?, ?, ?)",
+                (ns, row[0], command),
+            )
         return [a for a in aliases if a in found]
 
     async def leases(self, worker: str) -> list[Lease]:
-        """Every lease ``worker`` holds, oldest task first."""
+        """Every lease ``worker`` holds, oldest task first (a damaged one is left out, with a warning)."""
         return await self._call(self._t_leases, _text(worker), mode="read")
 
     def _t_leases(self, c: sqlite3.Connection, worker: str) -> list[Lease]:
-        rows = c.execute(
-            "SELECT id, payload, key, attempt, failures FROM tasks WHERE ns = ? AND worker = ? ORDER BY id",
-            (self._ns, worker),
-        )
-        return [
-            Lease(int(tid), payload, key, worker, int(attempt), int(failures))
-            for tid, payload, key, attempt, failures in rows
-        ]
+        leases = []
+        for tid, payload, key, attempt, failures in c.execute(SQL_LEASES, (self._ns, worker)):
+            problem = task_problem(payload, key, attempt, failures)
+            if problem is None:
+                leases.append(Lease(tid, payload, key, worker, attempt, failures))
+            else:
+                log.warning(
+                    "SQLite %s: left leased task %d of loop %r out of leases(): %s",
+                    self.location, tid, self.namespace, problem,
+                )  # fmt: skip
+        return leases
 
     async def recover(self) -> int:
-        """Unregister expired workers; release their leases and unregistered workers' leases to the head."""
+        """Unregister expired workers; release their leases and unregistered workers' leases to the head.
+
+        An entry whose liveness cannot be read (a heartbeat time or ttl that is not a
+        number, a worker id that is not text) counts as expired, with a warning: if its
+        worker is alive, its next heartbeat finds it gone and it registers again. Delayed
+        tasks whose due time is not a number (they would never be due) are made ready at
+        the tail, where ``reserve`` checks them like any task.
+        """
         return self._woken(await self._call(self._t_recover))
 
     def _t_recover(self, c: sqlite3.Connection) -> int:
         ns = self._ns
         now = time.time()
-        rows = c.execute("SELECT worker FROM workers WHERE ns = ? AND ? - last_seen > ttl", (ns, now))
-        expired = [row[0] for row in rows]
-        if expired:
-            self._forget_workers(c, expired)
-        ids = [row[0] for row in c.execute(SQL_ORPHANS, (ns, ns))]
+        expired: list[str] = []
+        unreadable: list[bytes] = []
+        rows = c.execute(
+            "SELECT CAST(worker AS BLOB), worker, last_seen, ttl FROM workers WHERE ns = ?",
+            (ns,),
+        )
+        for handle, worker, last_seen, ttl in rows.fetchall():
+            problem = liveness_problem(worker, last_seen, ttl)
+            if problem is not None:
+                log.warning(
+                    "SQLite %s: registry entry %s of loop %r cannot be read (%s); recovered as expired",
+                    self.location, show(worker), self.namespace, problem,
+                )  # fmt: skip
+                unreadable.append(handle)
+            elif now - last_seen > ttl:
+                expired.append(worker)
+        self._forget_workers(c, expired)
+        for table in ("workers", "mailbox"):
+            c.executemany(
+                f"DELETE FROM {table} WHERE ns = ? AND CAST(worker AS BLOB) = ?",
+                [(ns, h) for h in unreadable],
+            )
         delta = _Delta()
-        n = to_head(c, ns, ids, delta)
+        n = to_head(c, ns, [row[0] for row in c.execute(SQL_ORPHANS, (ns, ns))], delta)
+        never = [row[0] for row in c.execute("SELECT id FROM tasks WHERE ns = ? AND due > ?", (ns, float("inf")))]
+        if never:
+            log.warning(
+                "SQLite %s: %d delayed tasks of loop %r had a due time that is not a number; made ready",
+                self.location, len(never), self.namespace,
+            )  # fmt: skip
+            start = tail_end(c, ns) + 1
+            c.executemany(
+                "UPDATE tasks SET due = NULL, pos = ? WHERE id = ?",
+                [(start + i, t) for i, t in enumerate(never)],
+            )
+            delta.delayed -= len(never)
+            delta.ready += len(never)
         delta.write(c, ns)
         return n
 
@@ -229,10 +324,6 @@ class _Registry(_SqliteStore):
         ready = c.execute(SQL_ANY_READY, (self._ns,)).fetchone() is not None
         due = c.execute(SQL_NEXT_DUE, (self._ns,)).fetchone()[0]
         self._probe_version = version
-        self._probe_cache = (ready, None if due is None else float(due))
+        # numbers sort first: anything else is the only due time left, and never comes (recover() fixes it)
+        self._probe_cache = (ready, float(due) if is_number(due) else None)
         return self._probe_cache
-
-
-def _alias_order(w: WorkerInfo) -> tuple[str, int, str]:
-    prefix, number = w.alias[:1], w.alias[1:]
-    return (prefix, int(number) if number.isdigit() else 0, w.alias)

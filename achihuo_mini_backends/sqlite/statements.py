@@ -6,16 +6,23 @@ chunk of up to :data:`CHUNK` rows instead of one per task: each ``{}`` becomes a
 rows whose count is padded to a power of two (repeating a row where that changes nothing,
 or with all-NULL rows that ``WHERE column1 IS NOT NULL`` filters out), so a handful of
 texts per statement covers every batch size and they stay in the statement cache.
+
+Deque positions are read with bounds (``POS_LIMIT``): a stored ``pos`` that is text or a
+blob (written by someone else) sorts after every number in SQLite, so an unbounded
+``max(pos)`` would return it and break every push.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import math
 import sqlite3
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
+
+from .rows import valid_text
 
 # What the package re-exports: the tests read the statements from it to check their query plans.
 __all__ = [
@@ -33,6 +40,7 @@ __all__ = [
     "SQL_DUE",
     "SQL_HELD",
     "SQL_LEASED_BY",
+    "SQL_LEASES",
     "SQL_MAX_POS",
     "SQL_MIN_POS",
     "SQL_NEXT_DUE",
@@ -44,16 +52,20 @@ __all__ = [
 
 _T = TypeVar("_T")
 
+POS_LIMIT = 2**62
+"""Deque positions live in ``(-POS_LIMIT, POS_LIMIT)``; anything else stored there is ignored."""
+
 SQL_READY = (
     "SELECT id, payload, key, attempt, failures FROM tasks WHERE ns = ? AND pos IS NOT NULL ORDER BY pos LIMIT ?"
 )
 SQL_DUE = "SELECT id FROM tasks WHERE ns = ? AND due IS NOT NULL AND due <= ? ORDER BY due, id LIMIT ?"
-SQL_MIN_POS = "SELECT min(pos) FROM tasks WHERE ns = ? AND pos IS NOT NULL"
-SQL_MAX_POS = "SELECT max(pos) FROM tasks WHERE ns = ? AND pos IS NOT NULL"
+SQL_MIN_POS = f"SELECT min(pos) FROM tasks WHERE ns = ? AND pos IS NOT NULL AND pos > {-POS_LIMIT}"
+SQL_MAX_POS = f"SELECT max(pos) FROM tasks WHERE ns = ? AND pos IS NOT NULL AND pos < {POS_LIMIT}"
 SQL_NEXT_DUE = "SELECT min(due) FROM tasks WHERE ns = ? AND due IS NOT NULL"
 SQL_ANY_READY = "SELECT 1 FROM tasks WHERE ns = ? AND pos IS NOT NULL LIMIT 1"
 SQL_HELD = "SELECT key, payload, failures FROM tasks WHERE id = ? AND ns = ? AND worker = ? AND attempt = ?"
 SQL_LEASED_BY = "SELECT id, worker, attempt FROM tasks WHERE ns = ? AND worker = ? ORDER BY id"
+SQL_LEASES = "SELECT id, payload, key, attempt, failures FROM tasks WHERE ns = ? AND worker = ? ORDER BY id"
 SQL_ORPHANS = (
     "SELECT id, worker, attempt FROM tasks WHERE ns = ? AND worker IS NOT NULL "
     "AND worker NOT IN (SELECT worker FROM workers WHERE ns = ?) ORDER BY id"
@@ -149,13 +161,15 @@ def head_start(c: sqlite3.Connection, ns: int) -> int:
     low = c.execute(SQL_MIN_POS, (ns,)).fetchone()[0]
     if low is None:
         return tail_end(c, ns) + 1  # ready is empty
-    return int(low)
+    start: int = math.floor(low)  # a REAL position (written by someone else) counts too
+    return start
 
 
 def tail_end(c: sqlite3.Connection, ns: int) -> int:
     """The position of the tail of the ready deque (0 when it is empty)."""
     high = c.execute(SQL_MAX_POS, (ns,)).fetchone()[0]
-    return 0 if high is None else int(high)
+    end: int = 0 if high is None else math.ceil(high)
+    return end
 
 
 def to_head(c: sqlite3.Connection, ns: int, ids: Sequence[int], delta: _Delta) -> int:
@@ -164,17 +178,23 @@ def to_head(c: sqlite3.Connection, ns: int, ids: Sequence[int], delta: _Delta) -
         return 0
     start = head_start(c, ns) - len(ids)
     c.executemany(
-        "UPDATE tasks SET worker = NULL, pos = ? WHERE id = ?", [(start + i, tid) for i, tid in enumerate(ids)]
+        "UPDATE tasks SET worker = NULL, pos = ? WHERE id = ?",
+        [(start + i, tid) for i, tid in enumerate(ids)],
     )
     delta.leased -= len(ids)
     delta.ready += len(ids)
     return len(ids)
 
 
-def decrement_pending(c: sqlite3.Connection, ns: int, keys: Sequence[bytes | None]) -> None:
-    """Drop one pending count per occurrence in ``keys`` (None: unnamed, nothing to count)."""
-    by_times: dict[int, list[bytes]] = {}
-    for key, times in Counter(k for k in keys if k is not None).items():
+def decrement_pending(c: sqlite3.Connection, ns: int, keys: Sequence[Any]) -> None:
+    """Drop one pending count per occurrence in ``keys`` (None: unnamed, nothing to count).
+
+    Keys read from a damaged row may be of any type: each is counted down as stored,
+    except text that is not UTF-8, which cannot be written back (and was never counted
+    by this backend).
+    """
+    by_times: dict[int, list[Any]] = {}
+    for key, times in Counter(k for k in keys if k is not None and (type(k) is not str or valid_text(k))).items():
         by_times.setdefault(times, []).append(key)
     for times, group in by_times.items():
         for i, chunk in enumerate(_chunks(group)):
