@@ -125,6 +125,7 @@ async def test_file_created_0600_in_wal_mode(db: Path, opened: list[Any]) -> Non
         assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     c.close()
     assert q.location == str(db) and str(db) in repr(q)
+    assert q.durability == "always", "synchronous = FULL: a commit survives a power loss"
 
 
 async def test_default_path_under_xdg_data_home(opened: list[Any]) -> None:

@@ -7,20 +7,32 @@ Requirements and guarantees
 ---------------------------
 - **SQLite 3.24.0 or newer** (``INSERT ... ON CONFLICT (...) DO UPDATE``, partial
   indexes, ``WITHOUT ROWID``). The version of the ``sqlite3`` library Python is
-  linked against is checked at ``open()``.
+  linked against is checked at ``open()``, which refuses an older one.
   ``RETURNING`` (3.35) is not used.
 - **Local disks only.** WAL mode needs shared memory between the processes and
   working POSIX locks; it does not work on NFS/SMB and silently corrupts there.
   POSIX locks belong to a process: code in the same process must not open and
   close the database file behind SQLite's back (nor a second copy of the SQLite
   library use it), or this process's locks are silently dropped.
-- The file is opened in WAL mode with ``synchronous=FULL``: a committed
-  operation survives a power loss. The file and its folder are created when
-  missing, the file with mode ``0600`` (the folder ``0700``); SQLite gives the
-  ``-wal``/``-shm`` files the same mode.
+- **WAL mode with** ``synchronous = FULL``: the WAL is synced at every commit, so an
+  operation that returned survives a process crash (SIGKILL, OOM), an operating
+  system crash and a power loss (on a disk that honours flushes). The queue reports
+  ``durability: always``. ``synchronous = NORMAL`` (syncing only at checkpoints)
+  would survive a process crash too, but an OS crash or power loss could roll back
+  the last commits -- acks (re-runs) and pushes that had already returned, lost
+  tasks for a script that added them -- so it is not offered: the memory backend is
+  there for speed without durability.
+- **Private files**: the file is created with mode ``0600``, and every folder the
+  backend creates (the data folder, its parents) with ``0700``, whatever the umask;
+  SQLite gives the ``-wal``/``-shm`` files the file's mode. Existing folders and
+  files keep their modes.
 - Every protocol operation is ONE transaction (``BEGIN IMMEDIATE`` for writers),
   so it is atomic across all processes using the file: two processes reserving
   at once never receive the same task.
+- **Any number of processes may open one new file at the same moment.** The WAL
+  switch and the schema transaction are retried while SQLite reports the file busy
+  without waiting for it (which it does to avoid a deadlock), up to ``busy_timeout``;
+  the schema is checked and created inside one ``BEGIN IMMEDIATE``.
 - Nothing blocks the event loop: each backend instance owns one worker thread
   that creates, uses and closes its connection; lock waits (``busy_timeout``)
   happen in that thread. Connections of one process to one file also queue on a

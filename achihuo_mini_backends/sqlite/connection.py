@@ -147,6 +147,8 @@ class _SqliteStore:
     """
 
     scope: Literal["host"] = "host"
+    durability: Literal["always"] = "always"
+    """Every commit is synced (WAL, ``synchronous = FULL``): it survives a power loss."""
 
     def __init__(
         self,
