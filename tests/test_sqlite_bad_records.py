@@ -204,8 +204,8 @@ BAD_ENTRIES: dict[str, dict[str, Any]] = {
 }
 
 
-def _bad_entry(raw: Any, bad: str) -> None:
-    row: dict[str, Any] = {"worker": "bad-worker", "alias": "s7", **BAD_ENTRIES[bad]}
+def _bad_entry(raw: Any, bad: str, alias: str = "s7") -> None:
+    row: dict[str, Any] = {"worker": "bad-worker", "alias": alias, **BAD_ENTRIES[bad]}
     if bad == "info not UTF-8":
         sql = "INSERT INTO workers VALUES (:ns, ?, ?, 'slave', CAST(x'ff' AS TEXT), ?, 30)"
         raw(sql, row["worker"], row["alias"], time.time())
@@ -252,15 +252,15 @@ async def test_recover_skips_bad_entries_and_recovers_real_dead_workers(
     await q.register("alive", "master", {}, 30)
     _ns(raw)
     raw("UPDATE workers SET last_seen = ? WHERE worker = 'dead'", time.time() - 100)
-    for bad in ("info not JSON", "worker a BLOB"):
-        _bad_entry(raw, bad)
-        raw("UPDATE workers SET alias = ? WHERE alias = 's7'", f"s{10 + len(bad) % 7}{bad[0]}")
-    _worker_row(raw, "no-clock", "s20", last_seen="never", ttl="x")
-    raw("UPDATE tasks SET worker = 'no-clock' WHERE id = ?", held[1].task_id)  # its lease: recovered with it
+    _bad_entry(raw, "info not JSON", alias="s8")  # alive by its clock: kept (its heartbeat rewrites the info)
+    _bad_entry(raw, "worker a BLOB", alias="s9")  # no worker of ours has this id: recovered
+    _worker_row(raw, "no-clock", "s20", last_seen="never", ttl="x")  # liveness unreadable: recovered...
+    raw("UPDATE tasks SET worker = 'no-clock' WHERE id = ?", held[1].task_id)  # ...with its lease
     with caplog.at_level(logging.WARNING, LOGGER):
         assert await q.recover() == 2
     assert "cannot be read" in caplog.text
-    assert sorted(w.worker for w in await q.workers()) == ["alive"], "dead and unreadable entries are gone"
+    assert sorted(row[0] for row in raw("SELECT worker FROM workers")) == ["alive", "bad-worker"]
+    assert [w.worker for w in await q.workers()] == ["alive"]
     assert await q.heartbeat("alive", {}, 30) == []
     assert [lease.payload for lease in await q.reserve("alive", 5)] == [b"good-0", b"good-1", b"good-2"]
     _check_consistent(db, NS)

@@ -221,7 +221,13 @@ class SqliteQueue(_Registry):
         """Move ready tasks that cannot be leased to the dead letters, the reason as their error."""
         rows = []
         for tid, payload, key, failures, problem in bad:
-            log.warning("SQLite %s: task %d of loop %r: %s; buried", self.location, tid, self.namespace, problem)
+            log.warning(
+                "SQLite %s: task %d of loop %r: %s; moved to the dead letters",
+                self.location,
+                tid,
+                self.namespace,
+                problem,
+            )
             error = f"unreadable task: {problem}"
             blob_key = key if valid_key(key) else None
             rows.append((self._ns, tid, as_blob(payload), blob_key, error, failures if is_count(failures) else 0))
