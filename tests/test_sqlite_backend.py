@@ -125,6 +125,7 @@ async def test_file_created_0600_in_wal_mode(db: Path, opened: list[Any]) -> Non
         assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     c.close()
     assert q.location == str(db) and str(db) in repr(q)
+    assert q.durability == "always", "synchronous = FULL: a commit survives a power loss"
 
 
 async def test_default_path_under_xdg_data_home(opened: list[Any]) -> None:
@@ -383,7 +384,9 @@ async def test_random_operations_match_memory_backend(db: Path, opened: list[Any
                 assert m_n == await sq.commit([Commit(b, done, undone, children) for _, b in pairs]), step
             elif op == "release":
                 pairs = take(rng.randint(0, 3))
-                assert await mq.release([a for a, _ in pairs]) == await sq.release([b for _, b in pairs]), step
+                delay = 3600.0 if rng.random() < 0.3 else 0.0  # held back at the tail, or to the head
+                m_n = await mq.release([a for a, _ in pairs], delay)
+                assert m_n == await sq.release([b for _, b in pairs], delay), step
             elif op == "retry":
                 pairs = take(rng.randint(0, 2))
                 assert await mq.retry([(a, 0.0) for a, _ in pairs]) == await sq.retry([(b, 0.0) for _, b in pairs])
