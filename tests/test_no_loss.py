@@ -209,7 +209,7 @@ async def test_chaos_sigkill_random_workers(crawl: Any) -> None:
             kills += 1
             workers[i] = c.start(*([] if roles[i] == "master" else ["-s"]), **env)
         for i in range(len(roles)):  # stop the last incarnations gracefully
-            await wait_until(lambda: c.registered(workers[i]), timeout=30)  # noqa: B023 - awaited at once
+            await wait_until(lambda: c.registered(workers[i]), timeout=30, describe=lambda: c.logs()[-8000:])  # noqa: B023
             workers[i].send_signal(signal.SIGTERM)
             assert await c.wait_exit(workers[i], timeout=30) == 0, c.logs()
         final = c.start("--idle-exit", "1", **env)

@@ -38,24 +38,29 @@ from ..backend import (
     QueueBackend,
     QueueStats,
     WorkerRegistry,
+    name_key,
 )
-from ..codec import name_key
-from ..config import build_backend_options
-from ..plugins import registry
+from ..plugins import build_backend_options, registry
 
 __all__ = ["BackendContract", "Backends", "wait_until"]
 
 K = name_key
 
 
-async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.01) -> None:
-    """Poll an async predicate until it is true; fail the test after ``timeout`` seconds."""
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]],
+    timeout: float = 10.0,
+    interval: float = 0.01,
+    describe: Callable[[], str] | None = None,
+) -> None:
+    """Poll an async predicate until it is true; fail the test after ``timeout`` seconds
+    (with ``describe()`` in the message: logs that explain why)."""
     deadline = time.monotonic() + timeout
     while True:
         if await predicate():
             return
         if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
+            pytest.fail(f"condition not met within {timeout} s" + (f"\n{describe()}" if describe else ""))
         await asyncio.sleep(interval)
 
 
