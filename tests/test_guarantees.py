@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -226,3 +227,27 @@ async def _executed(c: Crawl, i: int) -> bool:
 
 async def _logged(c: Crawl, text: str) -> bool:
     return text in c.logs()
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_workers_started_at_the_same_moment_all_come_up(
+    backend: str, backend_options_for: Any, tmp_path: Path
+) -> None:
+    """A master and five slaves started together on one loop: every one registers, they claim
+    distinct aliases in one atomic step each, and the crawl finishes. (A fresh SQLite file
+    opened by many processes at once: tests/test_sqlite_startup.py.)"""
+    async with Crawl(backend, backend_options_for(backend), tmp_path) as c:
+        env = {"TASKS": 60, "SLEEP": 0.01}
+        procs = [c.start(**env)] + [c.start("-s", **env) for _ in range(5)]
+        for proc in procs:
+            await wait_until(lambda: c.registered(proc), timeout=60, describe=lambda: c.logs()[-8000:])  # noqa: B023
+        aliases = sorted(w.alias for w in await c.queue.workers())  # type: ignore[attr-defined]
+        assert aliases == ["m1", "s1", "s2", "s3", "s4", "s5"]
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            assert await c.wait_exit(proc, timeout=30) == 0, c.logs()[-5000:]
+        final = c.start("--idle-exit", "0.5", **env)
+        assert await c.wait_exit(final, timeout=60) == 0, c.logs()[-5000:]
+        await c.assert_all_done([f"t{i}" for i in range(60)])
