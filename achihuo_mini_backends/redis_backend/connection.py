@@ -1,12 +1,16 @@
 """Connection, scripts and error translation shared by the Redis queue and done set.
 
-redis-py is imported lazily (:func:`driver`); every driver call goes through
-:meth:`RedisBackend._run`, which sets the deadline and turns driver errors into
-:class:`~achihuo_mini.errors.BackendUnavailable` (waiting helps) or
-:class:`~achihuo_mini.errors.BackendError`. The Lua scripts are read from ``lua/`` once
-per process and registered once per client (``EVALSHA`` with redis-py's ``NOSCRIPT``
-fallback). :meth:`RedisBackend.open` checks the server version and reads the
-server's persistence settings (``durability``).
+redis-py is imported lazily (:func:`driver`). Every driver call goes through
+:meth:`RedisBackend._run`, which sets the deadline and turns every exception into
+:class:`~achihuo_mini.errors.BackendUnavailable` (waiting helps: connection errors,
+timeouts, ``BUSY``, ``LOADING``, failover and Cluster redirections) or
+:class:`~achihuo_mini.errors.BackendError` (anything else), the original chained and
+its text masked. Every script call goes through :meth:`RedisBackend._call`, which
+logs the repairs the script reports and turns an unreadable reply into
+``BackendError``. The Lua scripts are read from ``lua/`` once per process and
+registered once per client (``EVALSHA`` with redis-py's ``NOSCRIPT`` fallback).
+:meth:`RedisBackend.open` checks the server version and reads the server's
+persistence settings (``durability``).
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import importlib.resources
 import json
 import logging
 import math
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+import re
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from urllib.parse import parse_qsl, urlsplit
 
 import msgpack
 
-from achihuo_mini.errors import BackendError, BackendUnavailable, ConfigError, PluginError
+from achihuo_mini.errors import AchihuoError, BackendError, BackendUnavailable, ConfigError, PluginError
 from achihuo_mini.masking import mask_secrets
 
 from .keys import BUCKET_PART, DEFAULT_PREFIX, KEY_PARTS, bucket_keys, redis_key
@@ -41,15 +47,45 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 SCRIPTS = (
     "push", "reserve", "commit", "release", "retry", "bury", "dead_letters", "requeue",
     "stats", "clear", "peek", "register", "heartbeat", "unregister", "recover", "workers", "send", "leases",
-    "done_add", "done_contains", "done_remove", "done_clear",
+    "done_add", "done_contains", "done_remove", "done_clear", "done_count",
 )  # fmt: skip
 
 MAX_DELAY_MS = 1e13
 """Delays are capped at about 300 years (a non-finite delay would not sort)."""
 
+MAX_PAYLOAD = 512 * 1024 * 1024
+"""Largest task payload read back (Redis's default ``proto-max-bulk-len``: no client
+can write a bigger one to a default server). A bigger stored one is quarantined."""
+MAX_RECORD = MAX_PAYLOAD + 64 * 1024
+"""Largest dead-letter record or mailbox a script decodes; a bigger one counts as unreadable."""
+MAX_INFO = 1024 * 1024
+"""Largest worker info (JSON) read back; a bigger one counts as unreadable."""
+
+STEP_ITEMS = 5000
+"""Tasks, done names or leases one script call handles at most (one step: ~5-15 ms
+measured on a 2-core machine at this size; see the package docstring)."""
+STEP_BYTES = 16 * 1024 * 1024
+"""Payload bytes one script call writes at most (a step holds at least one task)."""
+REPLY_BYTES = 64 * 1024 * 1024
+"""Payload bytes one ``reserve`` or ``dead_letters`` reply carries at most (at least one task)."""
+
 Durability = Literal["volatile", "everysec", "always", "unknown"]
 
 T = TypeVar("T")
+
+TRANSIENT_CODES = frozenset(
+    ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "MOVED", "ASK", "NOREPLICAS",
+     "UNBLOCKED", "OOM")
+)  # fmt: skip
+"""Error replies that end when the server is done with something else: waiting helps.
+
+``BUSY`` (a script running past ``busy-reply-threshold``), ``LOADING`` (a restart),
+``MASTERDOWN``/``READONLY``/``NOREPLICAS`` (failover), ``TRYAGAIN``/``CLUSTERDOWN``/
+``MOVED``/``ASK`` (Cluster resharding), ``UNBLOCKED`` (``CLIENT UNBLOCK``), ``OOM`` (writes
+resume when memory is freed; pausing loses nothing)."""
+
+_READ_ERRORS = (ValueError, TypeError, IndexError, KeyError, OverflowError, msgpack.UnpackException)
+"""What decoding a garbage reply raises (``UnicodeDecodeError`` and msgpack's errors are ValueErrors)."""
 
 
 def driver() -> Any:
@@ -71,11 +107,14 @@ def driver() -> Any:
 
 @functools.cache
 def _script_sources() -> dict[str, str]:
-    """Every script's text: generated ``K`` table + ``lib.lua`` + the script."""
+    """Every script's text: generated ``K`` table and limits + ``lib.lua`` + the script."""
     folder = importlib.resources.files(__package__).joinpath("lua")
     keys = ", ".join(f"{part} = KEYS[{i}]" for i, part in enumerate(KEY_PARTS, 1))
     lib = folder.joinpath("lib.lua").read_text(encoding="utf-8")
-    prelude = f"local K = {{{keys}}}\nlocal FIXED_KEYS = {len(KEY_PARTS)}\n{lib}\n"
+    prelude = (
+        f"local K = {{{keys}}}\nlocal FIXED_KEYS = {len(KEY_PARTS)}\n"
+        f"local MAX_PAYLOAD = {MAX_PAYLOAD}\nlocal MAX_RECORD = {MAX_RECORD}\nlocal MAX_INFO = {MAX_INFO}\n{lib}\n"
+    )
     return {name: prelude + folder.joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in SCRIPTS}
 
 
@@ -102,8 +141,77 @@ def pack(batch: Any) -> bytes:
     return bytes(msgpack.packb(batch, use_bin_type=False))
 
 
-def unpack(reply: bytes) -> Any:
-    return msgpack.unpackb(reply, raw=True)
+def unpack(reply: Any, max_items: int) -> Any:
+    """A script's msgpack reply (a flat list of at most ``max_items``); garbage raises a ValueError.
+
+    Strings are limited to :data:`MAX_PAYLOAD`; the bin, map and ext types never come
+    from a script and are refused, so a forged header cannot make msgpack allocate.
+    """
+    if not isinstance(reply, bytes):
+        raise TypeError(f"expected a msgpack string, got {type(reply).__name__}")
+    return msgpack.unpackb(
+        reply, raw=True, max_str_len=MAX_PAYLOAD, max_bin_len=0, max_array_len=max_items, max_map_len=0,
+        max_ext_len=0,
+    )  # fmt: skip
+
+
+def chunks(items: Sequence[T], size: int = STEP_ITEMS) -> Iterator[Sequence[T]]:
+    """``items`` in slices of at most ``size``."""
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+_PASSWORD_HINT = "a password holding '#', '/', '?' or '@' must be percent-encoded (%23, %2F, %3F, %40)"
+
+
+def check_url(url: str, parse: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """redis-py's connection parameters for ``url``, or a ``ConfigError`` that shows it masked.
+
+    redis-py's parser reads ``#`` as the start of a fragment and ``/`` or ``?`` as the end
+    of the host: a password holding one of them would silently connect elsewhere
+    (``localhost`` by default) with part of the password, and show the rest in errors.
+    Such URLs are refused here, as is anything redis-py cannot read. The messages
+    never quote redis-py's own (which may hold part of a password).
+    """
+    where = f"redis url {mask_secrets(url)}"
+    parts = urlsplit(url) if "://" in url else None
+    if parts is None or parts.scheme.lower() not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{where}: must start with redis://, rediss:// or unix://")
+    problem = ""
+    if "#" in url:
+        problem = "holds a '#'"
+    elif parts.scheme.lower() == "unix":
+        if parts.netloc and not parts.netloc.endswith("@"):
+            problem = "has something before the socket path that does not end in '@'"
+    elif not re.fullmatch(r"/?\d*", parts.path):
+        problem = "has a path that is not /<database number>"
+    if not problem and parts.query:
+        pairs = [piece for piece in parts.query.split("&") if piece]
+        if any("=" not in piece for piece in pairs):
+            problem = "has a query that is not name=value pairs"
+        elif not parse_qsl(parts.query):
+            problem = "has an empty query"
+    if problem:
+        raise ConfigError(f"{where} {problem}: {_PASSWORD_HINT}")
+    try:
+        return parse(url)
+    except Exception as exc:  # redis-py raises ValueError, TypeError, IndexError ... on odd URLs
+        has_secret = "@" in url or "password" in url.lower()
+        detail = type(exc).__name__ if has_secret else f"{type(exc).__name__}: {mask_secrets(str(exc))}"
+        raise ConfigError(f"{where}: redis-py cannot read it ({detail})") from None
+
+
+def error_code(exc: BaseException) -> str:
+    """The code of a Redis error reply (``BUSY``, ``MOVED`` …), also when a script passed it on."""
+    code = getattr(exc, "status_code", None)
+    if code:
+        return str(code)
+    message = str(exc)
+    first = message.split(" ", 1)[0]
+    if first == "ERR" or first.startswith("Error"):  # an error raised by a command inside a script
+        found = re.search(r"-([A-Z]+) ", message)
+        return found.group(1) if found else first
+    return first
 
 
 class RedisBackend:
@@ -137,10 +245,7 @@ class RedisBackend:
         self._url = url
         self._driver = driver()
         self._errors = self._driver.exceptions
-        try:
-            params = self._driver.asyncio.connection.parse_url(url)
-        except ValueError as exc:
-            raise ConfigError(f"redis url {self.location}: {exc}") from None
+        params = check_url(url, self._driver.asyncio.connection.parse_url)
         self._target = tuple(sorted((k, repr(v)) for k, v in params.items()))
         self._client: Redis | None = None
         self.round_trips = 0
@@ -162,19 +267,38 @@ class RedisBackend:
         """The done-set bucket key of each digest, once each (appended to ``KEYS``)."""
         return bucket_keys(self._bucket_prefix, digests)
 
-    async def _script(self, name: str, args: Sequence[Any] = (), digests: Iterable[bytes] = ()) -> Any:
-        """Run script ``name``; ``digests``: the done-set names it reads or writes."""
+    async def _call(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        digests: Iterable[bytes] = (),
+        parse: Callable[[Any], T] = lambda result: result,
+        keys: Sequence[bytes] | None = None,
+    ) -> T:
+        """Run script ``name``, log the repairs it reports, return ``parse(result)``.
+
+        ``digests``: the done-set names it reads or writes (their buckets join ``KEYS``);
+        ``keys``: extra ``KEYS`` instead. A reply that ``parse`` cannot read is a
+        ``BackendError`` naming the script.
+        """
         client = self._redis  # raises when not open
-        keys = self._keys + self._bucket_keys(digests)
-        return await self._run(self._scripts[name](keys=keys, args=list(args), client=client))
+        extra = self._bucket_keys(digests) if keys is None else list(keys)
+        reply = await self._run(self._scripts[name](keys=self._keys + extra, args=list(args), client=client))
+        try:
+            result, notes = reply
+            for note in notes:
+                log.warning("%s: %s: %s", self, name, mask_secrets(text(note)))
+            return parse(result)
+        except _READ_ERRORS as exc:
+            raise BackendError(f"Redis at {self.location}: unreadable reply to {name} ({type(exc).__name__})") from exc
 
     # -- errors ------------------------------------------------------------
 
-    def _translate(self, exc: BaseException) -> BackendError | None:
-        """Our error for a driver/network error, or None when ``exc`` is not one."""
+    def _translate(self, exc: BaseException) -> BackendError:
+        """Our error for any exception a driver call raised (its text masked)."""
         e = self._errors
         where = f"Redis at {self.location}"
-        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        detail = mask_secrets(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         if isinstance(exc, e.AuthenticationError | e.AuthorizationError | e.NoPermissionError):
             # Waiting does not fix credentials: not "unavailable", although redis-py
             # derives these from its ConnectionError.
@@ -182,17 +306,19 @@ class RedisBackend:
         transient = (
             e.ConnectionError,  # includes BusyLoadingError: the server is loading its data after a restart
             e.TimeoutError,
+            e.InvalidResponse,  # a broken stream: redis-py drops the connection
             e.ReadOnlyError,  # a replica during a failover
             e.TryAgainError,
-            e.ClusterDownError,
+            e.ClusterDownError,  # includes MasterDownError
+            e.AskError,  # includes MovedError: a slot moved during resharding
             e.OutOfMemoryError,  # writes resume when memory is freed; pausing loses nothing
             OSError,  # includes TimeoutError
         )
-        if isinstance(exc, transient):
+        if isinstance(exc, transient) or (isinstance(exc, e.ResponseError) and error_code(exc) in TRANSIENT_CODES):
             return BackendUnavailable(f"{where} is unavailable ({detail})")
         if isinstance(exc, e.RedisError):
             return BackendError(f"{where} failed ({detail})")
-        return None
+        return BackendError(f"{where}: unexpected error from the driver ({detail})")
 
     async def _run(self, aw: Awaitable[T], timeout: float | None = None) -> T:
         """Await a driver call within ``timeout`` (default: the socket timeout), translating errors.
@@ -201,6 +327,7 @@ class RedisBackend:
         sends through ``asyncio.wait_for``, which on Python 3.11 can swallow a
         cancellation and leave a cancelled task running. A call cut off by the
         deadline drops its connection (redis-py never reuses a half-read one).
+        No exception but ours leaves here (cancellation aside).
         """
         deadline = self.socket_timeout if timeout is None else timeout
         self.round_trips += 1
@@ -209,11 +336,10 @@ class RedisBackend:
                 return await aw
         except TimeoutError as exc:
             raise BackendUnavailable(f"Redis at {self.location} did not answer within {deadline:g} s") from exc
+        except AchihuoError:
+            raise
         except Exception as exc:
-            error = self._translate(exc)
-            if error is None:
-                raise
-            raise error from exc
+            raise self._translate(exc) from exc
 
     @property
     def _redis(self) -> Redis:
@@ -287,7 +413,7 @@ class RedisBackend:
             raise
         except BackendError as exc:  # CONFIG renamed, disabled or not permitted (managed services)
             self.durability = "unknown"
-            self.durability_detail = f"CONFIG GET not allowed: {exc.__cause__}"
+            self.durability_detail = mask_secrets(f"CONFIG GET not allowed: {exc.__cause__}")
             return
         aof = settings.get("appendonly") == "yes"
         fsync = settings.get("appendfsync", "")
@@ -315,9 +441,6 @@ class RedisBackend:
             await client.aclose()
 
 
-# -- the queue ---------------------------------------------------------------------
-
-
 async def hello(client: Redis) -> dict[str, Any]:
     """PING, then the server section of INFO."""
     await client.ping()
@@ -335,6 +458,3 @@ def info_json(info: Mapping[str, Any]) -> bytes:
 
 def ms(seconds: float) -> int:
     return max(math.ceil(seconds * 1000.0), 0) if math.isfinite(seconds) else 2**52
-
-
-# -- the done set ------------------------------------------------------------------

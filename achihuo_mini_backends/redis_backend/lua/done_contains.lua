@@ -3,4 +3,4 @@ local out = {}
 for i, digest in ipairs(ARGV) do
   out[i] = done_has(digest) and 1 or 0
 end
-return out
+return reply(out)
