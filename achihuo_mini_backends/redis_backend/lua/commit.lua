@@ -1,10 +1,10 @@
 -- commit: ARGV = msgpack list of {id, token, undone keys, done keys, children, lease key, ack};
 -- KEYS also hold the done-set bucket of every undone, done and unique child key.
 -- An entry applies only while its lease token matches (fencing); a fenced entry
--- writes nothing. In batch order, each entry: its task's pending count drops (the
--- ack), undone, done, children (unique against pending and done). With ack = 0 (one
--- step of a commit split in bounded steps, see queue.py) the task stays leased and
--- its count is restored after the children: it counts as acked only for them.
+-- writes nothing. In batch order, each entry: undone, done, the ack (the task's
+-- pending count drops), children (unique against pending and done). With ack = 0
+-- (one step of a commit split in bounded steps, see queue.py) the task stays leased,
+-- and its own copy is not counted against its unique children (as if acked).
 -- Returns how many entries applied.
 expect('seq', 'tasks', 'meta', 'ready', 'delayed', 'leased', 'pending', 'dcount', 'wake')
 local batch = cmsgpack.unpack(ARGV[1])
@@ -25,14 +25,14 @@ for i, c in ipairs(batch) do
       key = c[6]  -- the key the lease was given with
       note('task ' .. id .. ': metadata ' .. show(metas[i]) .. ' is unreadable: the lease\'s key is used')
     end
-    pending_add(key, -1)
     done_put(c[3], false)
     done_put(c[4], true)
-    insert(c[5], true)
     if c[7] == 1 then
+      pending_add(key, -1)
+      insert(c[5], true)
       W.del[#W.del + 1] = id
     else
-      pending_add(key, 1)
+      insert(c[5], true, key)
     end
   end
 end

@@ -304,9 +304,10 @@ local function pending_get(key)
   return n
 end
 
+-- Never below 0: a drop below it means the stored count was lost or wrong.
 local function pending_add(key, delta)
   if key ~= '' then
-    pend[key] = pending_get(key) + delta
+    pend[key] = math.max(pending_get(key) + delta, 0)
   end
 end
 
@@ -361,14 +362,23 @@ end
 
 -- Insert a list of tasks {payload, key digest or '', flags (1 unique + 2 head), delay ms}.
 -- Unique tasks are skipped when their key is pending (or done, if check_done),
--- counting the tasks inserted before them. Returns how many were enqueued.
-local function insert(tasks, check_done)
+-- counting the tasks inserted before them; a copy of key `discount` counts as gone
+-- already (a task whose ack comes in a later step). Returns how many were enqueued.
+local function insert(tasks, check_done, discount)
   local n = 0
   local head = {}
   local now = nil
   for _, t in ipairs(tasks) do
     local payload, key, flags, delay = t[1], t[2], t[3], t[4]
-    if not (key ~= '' and flags % 2 == 1 and (pending_get(key) > 0 or (check_done and done_has(key)))) then
+    local blocked = false
+    if key ~= '' and flags % 2 == 1 then
+      local copies = pending_get(key)
+      if key == discount then
+        copies = copies - 1
+      end
+      blocked = copies > 0 or (check_done and done_has(key))
+    end
+    if not blocked then
       pending_add(key, 1)
       n = n + 1
       local id = next_id()
