@@ -18,7 +18,6 @@ from achihuo_mini.backend_kit import alias_order, worker_info
 from achihuo_mini.masking import mask_secrets
 
 from .connection import (
-    REPLY_BYTES,
     STEP_BYTES,
     STEP_ITEMS,
     RedisBackend,
@@ -169,13 +168,13 @@ class RedisQueue(RedisBackend):
     async def reserve(self, worker: str, limit: int) -> list[Lease]:
         """Promote due delayed tasks (server clock), then lease up to ``limit`` from the head.
 
-        A step leases at most STEP_ITEMS tasks and REPLY_BYTES of payload; more steps
+        A step leases at most STEP_ITEMS tasks and STEP_BYTES of payload; more steps
         follow while each one filled up.
         """
         leases: list[Lease] = []
         while len(leases) < limit:
             want = min(limit - len(leases), STEP_ITEMS)
-            args = [wid(worker), want, PROMOTE_MAX, REPLY_BYTES]
+            args = [wid(worker), want, PROMOTE_MAX, STEP_BYTES]
             got = await self._call("reserve", args, parse=_leases_of(worker, want))
             leases += got
             if len(got) < want:
@@ -201,7 +200,7 @@ class RedisQueue(RedisBackend):
         items = size = 0
         big: list[Commit] = []
         for c in commits:
-            n = 1 + len(c.undone) + len(c.done) + len(c.children)
+            n = 2 + len(c.undone) + len(c.done) + len(c.children)  # the ack costs about two names
             b = sum(len(t.payload) for t in c.children)
             if n > STEP_ITEMS or b > STEP_BYTES:
                 big.append(c)
@@ -270,7 +269,7 @@ class RedisQueue(RedisBackend):
         start = 0
         while len(letters) < limit:
             want = min(limit - len(letters), STEP_ITEMS)
-            examined, got, length = await self._call("dead_letters", [start, want, REPLY_BYTES], parse=_dead_letters)
+            examined, got, length = await self._call("dead_letters", [start, want, STEP_BYTES], parse=_dead_letters)
             letters += got
             start += examined
             if not examined or start >= length:

@@ -38,7 +38,7 @@ for i, id in ipairs(ids) do
   meta_of[id] = metas[i]
   held_of[id] = held[i]
 end
-local out, seen = {}, {}
+local out, seen, chosen = {}, {}, {}
 local bytes, full = 0, false
 for i, raw in ipairs(candidates) do
   if full then
@@ -72,8 +72,9 @@ for i, raw in ipairs(candidates) do
       W.meta[#W.meta + 1] = pack_meta(attempt, failures, key)
       W.leased[#W.leased + 1] = raw
       W.leased[#W.leased + 1] = attempt .. ':' .. worker
+      chosen[#chosen + 1] = raw
       out[#out + 1] = raw
-      out[#out + 1] = redis.call('HGET', K.tasks, raw)
+      out[#out + 1] = false  -- the payload, read below in one HMGET
       out[#out + 1] = key
       out[#out + 1] = attempt
       out[#out + 1] = failures
@@ -82,6 +83,10 @@ for i, raw in ipairs(candidates) do
   if not full and i <= from_ready then
     W.trim_ready = i
   end
+end
+local payloads = hmget(K.tasks, chosen)
+for i = 1, #chosen do
+  out[5 * i - 3] = payloads[i]
 end
 for _, id in ipairs(later) do
   W.tail[#W.tail + 1] = id
