@@ -8,6 +8,7 @@ in the package docstring).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from achihuo_mini_backends.redis_backend import RedisDoneSet, RedisQueue, redis_
 from achihuo_mini_backends.redis_backend.connection import STEP_ITEMS
 
 from . import test_redis_backend as base
+from .conftest import RedisServer
 
 names, opened, open_queue, open_done, plain = base.names, base.opened, base.open_queue, base.open_done, base.plain
 
@@ -126,3 +128,50 @@ async def test_big_releases_requeues_and_listings(names: Callable[[str], str], o
     leases = await q.reserve("w", n)
     assert await q.retry([(lease, 3600) for lease in leases]) == n
     assert await q.stats() == QueueStats(ready=0, delayed=n, leased=0, dead=0)
+
+
+async def test_longest_step_by_slowlog() -> None:
+    """Prints the server-side time of the longest script step (SLOWLOG on a private server).
+
+    Speed is not asserted. The figures in the package docstring came from
+    ``ACHIHUO_STEP_N=200000 python -m pytest -q -s tests/test_redis_steps.py -k slowlog``.
+    """
+    n = int(os.environ.get("ACHIHUO_STEP_N", "5000"))
+    server = RedisServer().start()
+    admin = redis.asyncio.Redis.from_url(server.url, socket_timeout=120)
+    q = RedisQueue("slowlog", url=server.url, socket_timeout=120)
+    d = RedisDoneSet("slowlog", url=server.url, socket_timeout=120)
+    try:
+        await q.open()
+        await d.open()
+        # Redis 7 logs the commands a script runs too: only calls over 0.5 ms are logged
+        await admin.config_set("slowlog-log-slower-than", 500)
+        await admin.config_set("slowlog-max-len", 100_000)
+        payload = b"x" * 100
+
+        async def measure(label: str, call: Any) -> Any:
+            await admin.slowlog_reset()
+            before = q.round_trips + d.round_trips
+            result = await call
+            steps = q.round_trips + d.round_trips - before
+            log = await admin.execute_command("SLOWLOG", "GET", "-1", NEVER_DECODE=True)
+            micros = sorted(int(e[2]) for e in log if e[3][0].upper() == b"EVALSHA") or [0]
+            print(f"{label:44} {steps:4d} steps, longest {micros[-1] / 1000:6.2f} ms, median "
+                  f"{micros[len(micros) // 2] / 1000:6.2f} ms")  # fmt: skip
+            return result
+
+        await measure(f"push {n}", q.push([NewTask(payload, K(f"p{i}"), unique=True) for i in range(n)]))
+        leases = await measure(f"reserve {n}", q.reserve("w", n))
+        children = [NewTask(payload, K(f"c{i}"), unique=True) for i in range(n)]
+        done = [K(f"d{i}") for i in range(n // 10)]
+        await measure(f"commit of {n} children, {n // 10} done", q.commit([Commit(leases[0], done, (), children)]))
+        await measure(f"commit {n - 1} small", q.commit([Commit(lease, [lease.key or b""]) for lease in leases[1:]]))
+        leases = await measure(f"reserve {n}", q.reserve("w", n))
+        await measure(f"bury {n}", q.bury([(lease, "boom") for lease in leases]))
+        await measure(f"requeue {n}", q.requeue_dead())
+        await measure("done clear", d.clear())
+    finally:
+        await q.close()
+        await d.close()
+        await admin.aclose()
+        server.remove()

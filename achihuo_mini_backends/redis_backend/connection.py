@@ -63,8 +63,8 @@ MAX_INFO = 1024 * 1024
 
 STEP_ITEMS = 1000
 """Tasks, done names or leases one script call handles at most (a commit's ack counts as
-two). Measured on the 2-core development machine under load: a median step of 3-20 ms,
-the longest 40-80 ms (see the package docstring); Redis's own limit for "busy" is 5 s."""
+two): a median step of 7-14 ms, the longest 35 ms, measured on the 2-core development
+machine under load (see the package docstring). Redis answers ``BUSY`` after 5 s."""
 STEP_BYTES = 8 * 1024 * 1024
 """Payload bytes one script call writes or returns at most (a step holds at least one task)."""
 

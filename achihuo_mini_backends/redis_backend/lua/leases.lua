@@ -19,9 +19,14 @@ local out = {}
 local metas = hmget(K.meta, ids)
 for i, id in ipairs(ids) do
   local _, failures, key = parse_meta(metas[i])
+  if not key then
+    note('task ' .. id .. ': metadata ' .. show(metas[i]) .. ' is unreadable: listed without key and failures')
+  end
   local payload = ''
   if redis.call('HSTRLEN', K.tasks, id) <= MAX_PAYLOAD then
     payload = redis.call('HGET', K.tasks, id) or ''
+  else
+    note('task ' .. id .. ': payload over ' .. MAX_PAYLOAD .. ' bytes: listed without it')
   end
   out[#out + 1] = id
   out[#out + 1] = payload
