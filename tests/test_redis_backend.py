@@ -31,8 +31,8 @@ import redis.asyncio
 from redis.crc import key_slot
 
 from achihuo_mini import AsyncLoop, masking
-from achihuo_mini.backend import Commit, NewTask, QueueStats
-from achihuo_mini.codec import name_key
+from achihuo_mini.backend import Commit, NewTask, QueueStats, name_key
+from achihuo_mini.backend_kit import lowest_free_alias
 from achihuo_mini.config import build_backend_options
 from achihuo_mini.errors import BackendError, BackendUnavailable, ConfigError
 from achihuo_mini.masking import mask_secrets
@@ -280,6 +280,26 @@ async def test_cleared_namespace_leaves_no_key(
     await q.unregister("w")
     assert await plain.exists(*(redis_key(ns, part) for part in KEY_PARTS)) == 0
     assert [k async for k in plain.scan_iter(match=redis_key(ns, "*"), count=1000)] == []
+
+
+async def test_register_follows_the_alias_policy(names: Callable[[str], str], open_queue: Any) -> None:
+    """The register script mirrors ``backend_kit.lowest_free_alias``: the lowest number no registered worker holds."""
+    q: RedisQueue = await open_queue(names("aliases"))
+    rng = random.Random(3)
+    alive: dict[str, str] = {}
+    for i in range(60):
+        if alive and rng.random() < 0.4:
+            worker = rng.choice(sorted(alive))
+            await q.unregister(worker)
+            del alive[worker]
+            continue
+        role = rng.choice(["master", "slave", "other"])
+        expected = lowest_free_alias(role, alive.values())
+        alive[f"w{i}"] = await q.register(f"w{i}", role, {}, 30)
+        assert alive[f"w{i}"] == expected
+    assert sorted((w.worker, w.alias) for w in await q.workers()) == sorted(alive.items())
+    for worker in alive:
+        await q.unregister(worker)
 
 
 def test_minimum_version_is_enforced_by_number() -> None:

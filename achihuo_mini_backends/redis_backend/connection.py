@@ -24,7 +24,7 @@ import math
 import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import msgpack
 
@@ -187,14 +187,11 @@ def check_url(url: str, parse: Callable[[str], dict[str, Any]]) -> dict[str, Any
             problem = "has something before the socket path that does not end in '@'"
     elif not re.fullmatch(r"/?\d*", parts.path):
         problem = "has a path that is not /<database number>"
-    if not problem and parts.query:
-        pairs = [piece for piece in parts.query.split("&") if piece]
-        if any("=" not in piece for piece in pairs):
-            problem = "has a query that is not name=value pairs"
-        elif not parse_qsl(parts.query):
-            problem = "has an empty query"
+    if not problem and any("=" not in piece for piece in parts.query.split("&") if piece):
+        problem = "has a query that is not name=value pairs"
     if problem:
-        raise ConfigError(f"{where} {problem}: {_PASSWORD_HINT}")
+        hint = f": {_PASSWORD_HINT}" if "@" in url else ""
+        raise ConfigError(f"{where} {problem}{hint}")
     try:
         return parse(url)
     except Exception as exc:  # redis-py raises ValueError, TypeError, IndexError ... on odd URLs
