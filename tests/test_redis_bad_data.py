@@ -171,7 +171,25 @@ async def test_bad_counters_and_wrong_key_types(
     assert await d.add([K("z")]) == 1, "a garbage counter does not stop the done set"
     assert await d.count() == 3, "count() recounts the buckets"
     assert await plain.get(redis_key(ns, "dcount")) == b"3", "and repairs the counter"
-    # A key of the wrong type: the script fails before writing anything.
+    # Keys of the wrong type whose content can be rebuilt or given up safely are repaired.
+    await q.register("w-1", "slave", {}, 30)
+    for part in ("pending", "wake", "dcount", "winfo", "aliases"):
+        await plain.delete(redis_key(ns, part))
+        if part == "dcount":
+            await plain.rpush(redis_key(ns, part), b"a list")
+        else:
+            await plain.set(redis_key(ns, part), b"a string")
+    bucket = base.bucket_key(ns, K("w"))
+    await plain.set(bucket, b"not a hash")
+    assert await q.push([_task("a"), _task("w")]) == 2, "pending counts lost count as 0: a duplicate, not a loss"
+    assert await d.add([K("w")]) == 1 and await d.count() == 4
+    assert [(w.alias, w.info) for w in await q.workers()] == [("s1", {})]
+    assert await q.send(["s1"], "stop") == ["s1"], "the aliases were rebuilt from the worker records"
+    assert sum("repaired" in w for w in warnings()) == 5 and any("bucket" in w for w in warnings())
+    await plain.delete(redis_key(ns, "workers"))
+    await plain.set(redis_key(ns, "workers"), b"s")
+    assert await q.heartbeat("w-1", {}, 30) is None, "the workers register again"
+    # A key of the wrong type that holds tasks: the script fails before writing anything.
     await plain.delete(redis_key(ns, "ready"))
     await plain.set(redis_key(ns, "ready"), b"a string")
     before = await plain.hgetall(redis_key(ns, "tasks")), await plain.hgetall(redis_key(ns, "pending"))

@@ -65,7 +65,7 @@ Modules
 connects, translates errors and registers the scripts; :mod:`.queue` holds
 :class:`RedisQueue` (queue, registry, notifier) and :mod:`.done_set`
 :class:`RedisDoneSet`. Each method runs the Lua script of its name from ``lua/``
-(shared helpers in ``lua/lib.lua``), registered once per client with
+(shared helpers in ``lua/lib.lua`` and ``lua/lib_state.lua``), registered once per client with
 ``register_script`` (``EVALSHA``, with redis-py's ``NOSCRIPT`` fallback). Task batches
 (push, commit, the reserve reply) travel as one msgpack string, lease batches as flat
 ``ARGV``; scripts issue multi-argument commands in chunks of 512. Times that cross
@@ -124,8 +124,13 @@ One bad entry costs that entry only, and every repair is logged as a warning
   taken over by the next register; unreadable mailbox entries are dropped; worker
   info that is not a JSON object (``achihuo_mini.backend_kit.worker_info``) is
   listed as ``{}``. An odd alias (``s²``) sorts last.
-- a key of the wrong type (a string where a list belongs) fails the script
-  before it writes anything: that is not a record but a broken structure.
+- a key of the wrong type (a string where a hash belongs) is repaired when its
+  content can be rebuilt or given up safely: ``seq``, ``wake``, ``winfo``, ``mailbox``
+  and done-set buckets are dropped, ``pending`` too (every count then counts as 0),
+  ``dcount`` is recounted, ``workers`` dropped (the workers register again),
+  ``aliases`` rebuilt from the worker records. For ``tasks``, ``meta``, ``ready``,
+  ``delayed``, ``leased`` and ``dead`` that would lose tasks: the script fails before
+  it writes anything (a ``BackendError`` naming the key).
 
 Replies are decoded with msgpack limits (strings up to ``MAX_PAYLOAD``, no bin,
 map or ext types, arrays no longer than the call asked for), so a forged length

@@ -106,10 +106,10 @@ def driver() -> Any:
 
 @functools.cache
 def _script_sources() -> dict[str, str]:
-    """Every script's text: generated ``K`` table and limits + ``lib.lua`` + the script."""
+    """Every script's text: generated ``K`` table and limits + ``lib.lua`` + ``lib_state.lua`` + the script."""
     folder = importlib.resources.files(__package__).joinpath("lua")
     keys = ", ".join(f"{part} = KEYS[{i}]" for i, part in enumerate(KEY_PARTS, 1))
-    lib = folder.joinpath("lib.lua").read_text(encoding="utf-8")
+    lib = "\n".join(folder.joinpath(name).read_text(encoding="utf-8") for name in ("lib.lua", "lib_state.lua"))
     prelude = (
         f"local K = {{{keys}}}\nlocal FIXED_KEYS = {len(KEY_PARTS)}\n"
         f"local MAX_PAYLOAD = {MAX_PAYLOAD}\nlocal MAX_RECORD = {MAX_RECORD}\nlocal MAX_INFO = {MAX_INFO}\n{lib}\n"

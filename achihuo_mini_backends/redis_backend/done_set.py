@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 from .connection import RedisBackend, chunks, log
 from .keys import LEGACY_DONE_PART, all_bucket_keys
@@ -20,9 +20,8 @@ CLEAR_STEP = 8192
 class RedisDoneSet(RedisBackend):
     """:class:`~achihuo_mini.backend.DoneSetBackend`: 16-byte digests in 65 536 hash buckets per loop.
 
-    Every method is one script call per step of STEP_ITEMS names (``count`` one
-    ``GET``); see the package docstring for the layout and :meth:`open` for the move
-    from the old one-SET layout.
+    Every method is one script call per step of STEP_ITEMS names; see the package
+    docstring for the layout and :meth:`open` for the move from the old one-SET layout.
     """
 
     @property
@@ -88,8 +87,8 @@ class RedisDoneSet(RedisBackend):
         return sum([await self._call("done_remove", part, part, int) for part in chunks(keys)])
 
     async def count(self) -> int:
-        """``GET`` of the counter the scripts keep; an unreadable one is recounted (and repaired)."""
-        raw = await self._run(self._redis.get(self._key("dcount")))
+        """The counter the scripts keep (one script call); an unreadable one is recounted (and repaired)."""
+        raw: Any = await self._call("done_count", ["get"], keys=())
         if raw is None:
             return 0
         if isinstance(raw, bytes) and re.fullmatch(rb"\d{1,15}", raw):

@@ -1,7 +1,12 @@
--- done_count: repairs an unreadable done-set counter.
+-- done_count: reads and repairs the done-set counter.
+-- ARGV = 'get': returns the counter as stored (nil when there is none).
 -- ARGV = 'sum': returns the number of names in the bucket KEYS after the fixed ones.
 -- ARGV = 'set', seen, n: sets the counter to n if it still holds `seen` (the
 -- unreadable value the recount started from). Returns 1 if set.
+if ARGV[1] == 'get' then
+  expect('dcount')
+  return reply(redis.call('GET', K.dcount))
+end
 if ARGV[1] == 'sum' then
   local n = 0
   for i = FIXED_KEYS + 1, #KEYS do

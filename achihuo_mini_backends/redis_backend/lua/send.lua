@@ -1,7 +1,7 @@
 -- send: ARGV = command, aliases... Appends the command once to the mailbox of each
 -- alias's worker, when that worker is registered under that alias. An unreadable
 -- mailbox is replaced. Returns the aliases that exist, in the given order.
-expect('mailbox')
+expect('workers', 'aliases', 'mailbox')
 local command = ARGV[1]
 local found, sent = {}, {}
 for i = 2, #ARGV do

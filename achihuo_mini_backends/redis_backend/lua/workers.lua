@@ -1,6 +1,7 @@
 -- workers: 5 fields per registered worker: worker, alias, role, age_ms, info (JSON;
 -- '' when longer than MAX_INFO). A worker whose record is unreadable is skipped
 -- (its next heartbeat or a recover removes it).
+expect('workers', 'winfo')
 local now = now_ms()
 local out = {}
 local all = redis.call('HGETALL', K.workers)
