@@ -30,11 +30,12 @@ import pytest
 import redis.asyncio
 from redis.crc import key_slot
 
-from achihuo_mini import AsyncLoop
-from achihuo_mini.backend import Commit, NewTask, QueueStats
-from achihuo_mini.codec import name_key
+from achihuo_mini import AsyncLoop, masking
+from achihuo_mini.backend import Commit, NewTask, QueueStats, name_key
+from achihuo_mini.backend_kit import lowest_free_alias
 from achihuo_mini.config import build_backend_options
 from achihuo_mini.errors import BackendError, BackendUnavailable, ConfigError
+from achihuo_mini.masking import mask_secrets
 from achihuo_mini.plugins import registry
 from achihuo_mini.testing import wait_until
 from achihuo_mini_backends.redis_backend import (
@@ -281,6 +282,26 @@ async def test_cleared_namespace_leaves_no_key(
     assert [k async for k in plain.scan_iter(match=redis_key(ns, "*"), count=1000)] == []
 
 
+async def test_register_follows_the_alias_policy(names: Callable[[str], str], open_queue: Any) -> None:
+    """The register script mirrors ``backend_kit.lowest_free_alias``: the lowest number no registered worker holds."""
+    q: RedisQueue = await open_queue(names("aliases"))
+    rng = random.Random(3)
+    alive: dict[str, str] = {}
+    for i in range(60):
+        if alive and rng.random() < 0.4:
+            worker = rng.choice(sorted(alive))
+            await q.unregister(worker)
+            del alive[worker]
+            continue
+        role = rng.choice(["master", "slave", "other"])
+        expected = lowest_free_alias(role, alive.values())
+        alive[f"w{i}"] = await q.register(f"w{i}", role, {}, 30)
+        assert alive[f"w{i}"] == expected
+    assert sorted((w.worker, w.alias) for w in await q.workers()) == sorted(alive.items())
+    for worker in alive:
+        await q.unregister(worker)
+
+
 def test_minimum_version_is_enforced_by_number() -> None:
     assert MIN_REDIS_VERSION == (6, 2, 0)
     assert _version("6.0.20") < MIN_REDIS_VERSION <= _version("6.2.0") < _version("7.0.15") < _version("10.0.0")
@@ -396,8 +417,10 @@ async def test_old_done_set_moves_into_buckets_at_open(
         ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
     ],
 )
-def test_mask_url(url: str, masked: str) -> None:
-    assert mask_url(url) == masked
+def test_location_is_masked(url: str, masked: str) -> None:
+    """``location`` follows the project's one masking policy (a ``?password=`` too: redis-py reads it)."""
+    assert RedisQueue("x", url=url).location == masked == mask_secrets(url)
+    assert mask_url is masking.mask_url, "the backend re-exports the project's function"
 
 
 def _chain_text(exc: BaseException) -> str:

@@ -1,18 +1,33 @@
--- bury: ARGV = id, token, error triples. Each held lease counts one failure and
--- moves to the tail of the dead letters (its key is no longer pending).
--- Returns how many were buried.
-local n = 0
-for i = 1, #ARGV, 3 do
-  local id = ARGV[i]
-  if redis.call('HGET', K.leased, id) == ARGV[i + 1] then
-    redis.call('HDEL', K.leased, id)
-    local _, failures, key = unpack_meta(redis.call('HGET', K.meta, id))
-    local payload = redis.call('HGET', K.tasks, id)
-    redis.call('HDEL', K.tasks, id)
-    redis.call('HDEL', K.meta, id)
-    pending_drop(key)
-    redis.call('RPUSH', K.dead, cmsgpack.pack({id, failures + 1, key, ARGV[i + 2], payload}))
+-- bury: ARGV = id, token, error, failures, key quintuples (failures and key as the
+-- lease has them). Each held lease counts one failure and moves to the tail of the
+-- dead letters (its key is no longer pending). Returns how many were buried.
+expect('tasks', 'meta', 'leased', 'pending', 'dead')
+local ids = {}
+for i = 1, #ARGV, 5 do
+  ids[#ids + 1] = ARGV[i]
+end
+local held = hmget(K.leased, ids)
+local metas = hmget(K.meta, ids)
+local n, seen = 0, {}
+for j, id in ipairs(ids) do
+  local i = 5 * (j - 1) + 1
+  if held[j] == ARGV[i + 1] and not seen[id] then
+    seen[id] = true
+    local _, failures, key = parse_meta(metas[j])
+    if not failures then
+      failures, key = math.min(tonumber(ARGV[i + 3]), MAX_U32 - 1), ARGV[i + 4]
+      note('task ' .. id .. ': metadata ' .. show(metas[j]) .. ' is unreadable: the lease\'s is used')
+    end
+    local payload = ''
+    local size = redis.call('HSTRLEN', K.tasks, id)
+    if size <= MAX_PAYLOAD then
+      payload = redis.call('HGET', K.tasks, id) or ''
+    end
+    pending_add(key, -1)
+    W.del[#W.del + 1] = id
+    W.dead[#W.dead + 1] = cmsgpack.pack({tonumber(id), failures + 1, key, ARGV[i + 2], payload})
     n = n + 1
   end
 end
-return n
+flush()
+return reply(n)

@@ -1,6 +1,7 @@
 -- clear: ARGV = 'queue' (tasks, leases, delays, pending counts, wake-ups) or 'dead'.
--- When no task and no dead letter is left, the id counter goes too (the next
--- first id comes from TIME, above every earlier one), so a cleared loop leaves no key.
+-- UNLINK frees big values in the background. When no task and no dead letter is
+-- left, the id counter goes too (the next first id comes from TIME, above every
+-- earlier one), so a cleared loop leaves no key.
 if ARGV[1] == 'dead' then
   redis.call('UNLINK', K.dead)
 else
@@ -9,4 +10,4 @@ end
 if redis.call('EXISTS', K.tasks, K.dead) == 0 then
   redis.call('DEL', K.seq)
 end
-return 0
+return reply(0)

@@ -1,8 +1,12 @@
--- commit: ARGV = msgpack list of {id, token, undone keys, done keys, children};
+-- commit: ARGV = msgpack list of {id, token, undone keys, done keys, children, lease key, ack};
 -- KEYS also hold the done-set bucket of every undone, done and unique child key.
--- A commit applies only while its lease token matches (fencing); a fenced commit
--- writes nothing. In batch order, each commit: ack (its pending count drops),
--- undone, done, children (unique against pending and done). Returns how many applied.
+-- An entry applies only while its lease token matches (fencing); a fenced entry
+-- writes nothing. In batch order, each entry: undone, done, the ack (the task's
+-- pending count drops), children (unique against pending and done). With ack = 0
+-- (one step of a commit split in bounded steps, see queue.py) the task stays leased,
+-- and its own copy is not counted against its unique children (as if acked).
+-- Returns how many entries applied.
+expect('seq', 'tasks', 'meta', 'ready', 'delayed', 'leased', 'pending', 'dcount', 'wake')
 local batch = cmsgpack.unpack(ARGV[1])
 local ids = {}
 for i, c in ipairs(batch) do
@@ -10,24 +14,27 @@ for i, c in ipairs(batch) do
 end
 local held = hmget(K.leased, ids)
 local metas = hmget(K.meta, ids)
-local acked, seen = {}, {}
-local pushed = 0
+local applied, seen = 0, {}
 for i, c in ipairs(batch) do
   local id = ids[i]
   if held[i] == c[2] and not seen[id] then  -- a lease given twice is acked once
     seen[id] = true
-    acked[#acked + 1] = id
-    if metas[i] then
-      local _, _, key = unpack_meta(metas[i])
-      pending_drop(key)
+    applied = applied + 1
+    local _, _, key = parse_meta(metas[i])
+    if not key then
+      key = c[6]  -- the key the lease was given with
+      note('task ' .. id .. ': metadata ' .. show(metas[i]) .. ' is unreadable: the lease\'s key is used')
     end
-    done_remove(c[3])
-    done_add(c[4])
-    pushed = pushed + insert(c[5], true)
+    done_put(c[3], false)
+    done_put(c[4], true)
+    if c[7] == 1 then
+      pending_add(key, -1)
+      insert(c[5], true)
+      W.del[#W.del + 1] = id
+    else
+      insert(c[5], true, key)
+    end
   end
 end
-call_chunked('HDEL', K.leased, acked)
-call_chunked('HDEL', K.tasks, acked)
-call_chunked('HDEL', K.meta, acked)
-wake(pushed)
-return #acked
+flush()
+return reply(applied)

@@ -1,2 +1,5 @@
 -- done_add: ARGV = digests; KEYS hold the bucket of each. Returns how many were new.
-return done_add(ARGV)
+expect('dcount')
+local n = done_put(ARGV, true)
+flush()
+return reply(n)

@@ -1,2 +1,5 @@
 -- done_remove: ARGV = digests; KEYS hold the bucket of each. Returns how many were there.
-return done_remove(ARGV)
+expect('dcount')
+local n = done_put(ARGV, false)
+flush()
+return reply(n)

@@ -1,16 +1,33 @@
--- retry: ARGV = id, token, delay_ms triples. Each held lease counts one failure
--- and becomes ready at the tail when TIME + delay has passed. Returns how many.
+-- retry: ARGV = id, token, delay_ms, failures, key quintuples (failures and key as the
+-- lease has them). Each held lease counts one failure and becomes ready at the tail
+-- when TIME + delay has passed. A task whose meta is unreadable gets it back from
+-- its lease. Returns how many.
+expect('meta', 'delayed', 'leased', 'wake')
 local now = now_ms()
-local n = 0
-for i = 1, #ARGV, 3 do
-  local id = ARGV[i]
-  if redis.call('HGET', K.leased, id) == ARGV[i + 1] then
-    redis.call('HDEL', K.leased, id)
-    local attempt, failures, key = unpack_meta(redis.call('HGET', K.meta, id))
-    redis.call('HSET', K.meta, id, pack_meta(attempt, failures + 1, key))
-    redis.call('ZADD', K.delayed, now + math.max(tonumber(ARGV[i + 2]), 0), zmember(id))
+local ids = {}
+for i = 1, #ARGV, 5 do
+  ids[#ids + 1] = ARGV[i]
+end
+local held = hmget(K.leased, ids)
+local metas = hmget(K.meta, ids)
+local n, seen = 0, {}
+for j, id in ipairs(ids) do
+  local i = 5 * (j - 1) + 1
+  if held[j] == ARGV[i + 1] and not seen[id] then
+    seen[id] = true
+    local attempt, failures, key = parse_meta(metas[j])
+    if not attempt then
+      attempt, failures, key = parse_token(ARGV[i + 1]), math.min(tonumber(ARGV[i + 3]), MAX_U32 - 1), ARGV[i + 4]
+      note('task ' .. id .. ': metadata ' .. show(metas[j]) .. ' is unreadable: rebuilt from the lease')
+    end
+    W.del_leased[#W.del_leased + 1] = id
+    W.meta[#W.meta + 1] = id
+    W.meta[#W.meta + 1] = pack_meta(attempt, failures + 1, key)
+    W.zadd[#W.zadd + 1] = now + math.max(tonumber(ARGV[i + 2]), 0)
+    W.zadd[#W.zadd + 1] = zmember(id)
     n = n + 1
   end
 end
-wake(n)
-return n
+W.wake = n
+flush()
+return reply(n)

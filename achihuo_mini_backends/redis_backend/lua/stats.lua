@@ -1,7 +1,7 @@
 -- stats: one snapshot {ready, delayed, leased, dead}.
-return {
+return reply({
   redis.call('LLEN', K.ready),
   redis.call('ZCARD', K.delayed),
   redis.call('HLEN', K.leased),
   redis.call('LLEN', K.dead),
-}
+})
