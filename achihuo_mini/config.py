@@ -57,7 +57,7 @@ LOOP_OPTIONS: dict[str, Option] = {
     "allow_local": Option(bool, False, "allow a network queue with a host/process-scope done set"),
     "require_durable": Option(bool, False, "refuse a backend that reports volatile durability"),
     "max_task_size": Option(
-        int, 1024 * 1024, "largest encoded task add_task accepts, bytes (handler, name and arguments)", 64, 2**31
+        int, 1024 * 1024, "largest encoded task add_task accepts, bytes (handler, name and arguments)", 64, 2**28
     ),
     "user_agent": Option(str, None, "User-Agent header of async_web_request"),
     "request_timeout": Option(float, 30.0, "default total timeout of one HTTP try, seconds", 0, _SECONDS),

@@ -808,7 +808,8 @@ async def test_round_trips_per_task_stay_well_under_two(redis_spiders: SpiderFac
     loop = redis_spiders(_Tree, concurrency=16, debug=False, progress_interval=0)
     summary = await loop.serve(idle_exit=0)
     assert summary.succeeded == _Tree.N and summary.exit_code == 0
-    trips = loop._queue.round_trips + loop._done.round_trips
+    store = loop._AsyncLoop__core.store  # white box: the backends the loop served with
+    trips = store.raw_queue.round_trips + store.raw_done.round_trips
     per_task = trips / _Tree.N
     print(f"{trips} round trips for {_Tree.N} tasks: {per_task:.2f} per task")
     assert per_task <= 1.0, f"{per_task:.2f} round trips per task"
