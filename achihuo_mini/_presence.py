@@ -143,14 +143,15 @@ class Presence:
         found = await self.registry.workers()
         return [w for w in found if isinstance(w, WorkerInfo)] if isinstance(found, list) else []
 
-    async def peer_handles(self, handler: str) -> bool:
-        """Does another live worker advertise ``handler`` (its heartbeat lists its handlers)?"""
+    async def peer_handles(self, handler: str) -> bool | None:
+        """Does another live worker advertise ``handler`` (its heartbeat lists its handlers)?
+        ``None``: the registry could not be read (then nobody should bury the task)."""
         now = time.monotonic()
         if now - self._peers_at > self.heartbeat_interval:
             try:
                 workers = await self._workers()
             except BackendError:
-                return False
+                return None
             peers: set[str] = set()
             for w in workers:
                 handlers = w.info.get("handlers") if isinstance(w.info, dict) else None
@@ -196,7 +197,7 @@ class NullPresence:
     async def leases(self) -> list[Lease]:
         return []
 
-    async def peer_handles(self, handler: str) -> bool:
+    async def peer_handles(self, handler: str) -> bool | None:
         return False
 
     async def others_seeding(self) -> bool:

@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ from .backend import QueueStats, WorkerInfo
 from .errors import BackendError
 from .masking import mask_secrets
 
-__all__ = ["Report", "RunSummary", "printable", "status_data"]
+__all__ = ["ERROR_MAX", "Report", "RunSummary", "error_text", "printable", "status_data"]
 
 log = logging.getLogger("achihuo_mini")
 
@@ -141,6 +142,21 @@ class Report:
             s.added,
             s.deduplicated,
         )
+
+
+ERROR_MAX = 2048
+"""Characters of error text a dead letter keeps."""
+
+
+def error_text(exc: BaseException, with_traceback: bool) -> str:
+    """The first line says what failed; then as much of the traceback's end as fits."""
+    summary = "".join(traceback.format_exception_only(exc)).strip() or type(exc).__name__
+    if not with_traceback:
+        return mask_secrets(summary)[:ERROR_MAX]
+    tb = "".join(traceback.format_exception(exc)).strip()
+    room = ERROR_MAX - len(summary) - 2
+    tail = tb[-room:] if room > 0 else ""
+    return mask_secrets(f"{summary}\n\n{tail}")[:ERROR_MAX]
 
 
 # -- status -------------------------------------------------------------------------------

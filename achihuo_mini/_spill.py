@@ -28,7 +28,7 @@ from ._store import Store
 from .backend import NewTask
 from .backend_kit import default_data_dir, private_dir, safe_filename
 
-__all__ = ["replay", "spill", "spill_path"]
+__all__ = ["keep", "replay", "spill", "spill_path"]
 
 log = logging.getLogger("achihuo_mini")
 
@@ -59,6 +59,18 @@ def spill(name: str, outbox: Outbox) -> Path:
     finally:
         os.close(fd)
     return path
+
+
+def keep(name: str, outbox: Outbox) -> None:
+    """Spill what a stop could not write, and say so in the log (loudly if even that fails)."""
+    try:
+        path = spill(name, outbox)
+    except OSError as exc:
+        log.critical("%s: LOST %d writes made outside handlers: the backend was unreachable and the spill "
+                     "file could not be written: %s", name, len(outbox), exc)  # fmt: skip
+    else:
+        log.error("%s: kept %d writes made outside handlers (tasks added in run(), task_done) in %s; "
+                  "the next start of this loop writes them", name, len(outbox), path)  # fmt: skip
 
 
 def _names_for(outbox: Outbox) -> list[str]:

@@ -251,6 +251,15 @@ class Store:
             + ("" if self.shared else " (separate: done names are written before acks)")
         )
 
+    def check_durability(self, required: bool) -> None:
+        """``require_durable``: refuse a queue that does not report everysec or always."""
+        durability = self.durability
+        if required and durability not in ("everysec", "always"):
+            raise ConfigError(
+                f"require_durable is set but the {self.settings.queue.backend} queue at "
+                f"{self.queue.location} reports durability {durability or 'of its process only'!r}"
+            )
+
     async def open(self) -> None:
         if self.opened:
             return

@@ -35,8 +35,8 @@ from typing import Any
 from ._outbox import CURRENT, Attempt
 from ._presence import NullPresence, Presence
 from ._producer import HandlerTable, Producer
-from ._report import Report, RunSummary
-from ._spill import replay, spill
+from ._report import ERROR_MAX, Report, RunSummary, error_text
+from ._spill import keep, replay
 from ._store import Backoff, Store, wait_event
 from .backend import Lease
 from .codec import decode_task
@@ -51,18 +51,6 @@ HOLD_BACK_DELAY = 2.0  # seconds a task for a handler only a live peer has waits
 RELEASE_WAIT = 2.0  # seconds cancelled handlers get to unwind before their leases are released
 BACKGROUND_WAIT = 15.0  # seconds the committer/heartbeat get to finish their call at shutdown
 FINAL_WRITES = 10.0  # seconds a stop keeps trying to write through an outage
-ERROR_MAX = 2048  # characters of error text a dead letter keeps
-
-
-def _error_text(exc: BaseException, with_traceback: bool) -> str:
-    """The first line says what failed; then as much of the traceback's end as fits."""
-    summary = "".join(traceback.format_exception_only(exc)).strip() or type(exc).__name__
-    if not with_traceback:
-        return mask_secrets(summary)[:ERROR_MAX]
-    tb = "".join(traceback.format_exception(exc)).strip()
-    room = ERROR_MAX - len(summary) - 2
-    tail = tb[-room:] if room > 0 else ""
-    return mask_secrets(f"{summary}\n\n{tail}")[:ERROR_MAX]
 
 
 class Worker:
@@ -107,7 +95,7 @@ class Worker:
         self.burials: list[tuple[Lease, str]] = []
         self.releases: list[Lease] = []
         self.held: list[Lease] = []  # tasks for a handler only a peer has, to release with a delay
-        self.holding = 0  # ... counted against concurrency until that release is written
+        self.holding = 0  # ... counted against concurrency until they were ready again for a while
         self._dedup_base = producer.deduplicated
 
     # -- the whole serve ---------------------------------------------------------------
@@ -122,7 +110,7 @@ class Worker:
         try:
             await self.store.open()
             self.report.log_start(self.role, self.concurrency, self.store)
-            self._check_durability()
+            self.store.check_durability(self.options["require_durable"])
             await replay(self.name, self.store)
             await self.producer.flush()  # what was added before serve() started
             self.seeding = not slave and seed
@@ -154,14 +142,6 @@ class Worker:
             self.report.summary.deduplicated = self.producer.deduplicated - self._dedup_base
             self.report.log_summary()
         return self.report.summary
-
-    def _check_durability(self) -> None:
-        durability = self.store.durability
-        if self.options["require_durable"] and durability not in ("everysec", "always"):
-            raise ConfigError(
-                f"require_durable is set but the {self.store.settings.queue.backend} queue at "
-                f"{self.store.queue.location} reports durability {durability or 'of its process only'!r}"
-            )
 
     def _install_signals(self) -> list[int]:
         if threading.current_thread() is not threading.main_thread():
@@ -381,7 +361,7 @@ class Worker:
         lease = attempt.lease
         if not self.handlers.impossible(handler):
             peer = await self.presence.peer_handles(handler)
-            if peer is not False:  # a rolling deploy (or no answer yet): a peer may have it
+            if peer is not False:  # a rolling deploy (or no answer from the registry): a peer may have it
                 self.held.append(lease)
                 self.holding += 1
                 self.kick()
@@ -419,7 +399,7 @@ class Worker:
         summary.failed += 1
         failures = lease.failures if type(lease.failures) is int and lease.failures >= 0 else 0
         if failures >= self.handlers.retries(attempt.handler, self.options["max_retries"]):
-            error = _error_text(exc, with_traceback=not isinstance(exc, Retry))
+            error = error_text(exc, with_traceback=not isinstance(exc, Retry))
             log.error(
                 "%s: task %r failed %d times, now a dead letter: %s",
                 self.name,
@@ -430,7 +410,7 @@ class Worker:
             self._bury(lease, error)
             return
         delay = self._retry_delay(failures, exc)
-        log.warning("%s: task %r failed (retry in %.1f s): %s", self.name, name, delay, _error_text(exc, False))
+        log.warning("%s: task %r failed (retry in %.1f s): %s", self.name, name, delay, error_text(exc, False))
         if self.options["debug"] and not isinstance(exc, Retry):
             log.debug("%s", mask_secrets("".join(traceback.format_exception(exc))))
         self.retries.append((lease, delay))
@@ -519,10 +499,15 @@ class Worker:
         if self.held:
             held, self.held = self.held, []
             await self._lease_write(store.release(held, HOLD_BACK_DELAY), held, lambda: self.held)
-            self.holding -= len(held)
-            self.wake.set()  # their slots are free again
+            # their slots stay taken until the tasks were ready for a while: long enough for the
+            # peer that has the handler to take them, instead of this worker taking them again
+            self.aloop.call_later(2 * HOLD_BACK_DELAY, self._unhold, len(held))
         if self.producer.outbox:
             await self.producer.flush_once()
+
+    def _unhold(self, n: int) -> None:
+        self.holding -= n
+        self.wake.set()
 
     async def _lease_write(self, call: Awaitable[int], items: list[Any], pending: Callable[[], list[Any]]) -> int:
         try:
@@ -627,12 +612,4 @@ class Worker:
             except BackendError:
                 pass
         if self.producer.outbox:
-            outbox = self.producer.take_unwritten()
-            try:
-                path = spill(self.name, outbox)
-            except OSError as exc:
-                log.critical("%s: LOST %d writes made outside handlers: the backend was unreachable and the spill "
-                             "file could not be written: %s", self.name, len(outbox), exc)  # fmt: skip
-            else:
-                log.error("%s: kept %d writes made outside handlers (tasks added in run(), task_done) in %s; "
-                          "the next start of this loop writes them", self.name, len(outbox), path)  # fmt: skip
+            keep(self.name, self.producer.take_unwritten())

@@ -74,8 +74,9 @@ async def test_a_worker_lacking_a_handler_does_not_hoard_the_queue(spiders: Spid
     for i in range(60):
         new.add_task("v2", i)
     await new.flush()
-    old_serving = asyncio.ensure_future(old.serve(slave=True))
     new_serving = asyncio.ensure_future(new.serve(slave=True, idle_exit=0.2))
+    await wait_until(lambda: _registered(new), timeout=30)  # a live peer advertises v2 from now on
+    old_serving = asyncio.ensure_future(old.serve(slave=True))
     most_leased = 0
     async with store_of(new) as store:
         while not new_serving.done():
