@@ -63,3 +63,35 @@ async def test_sigkill_during_spill_replay_strands_the_rest_of_the_file(backend_
             f"{len(missing)} of {total} spilled tasks never ran (e.g. {missing[:5]}); they are stranded in "
             f"{[p.name for p in path.parent.glob('*.replaying')]}, which no start reads"
         )
+
+
+def _append_garbage(path: Path) -> None:
+    with open(path, "ab") as f:
+        f.write(b"\xc1")  # a byte msgpack never uses: the rest of the file cannot be read
+
+
+async def test_a_second_damaged_spill_file_overwrites_the_first_one_kept_for_a_person(
+    memory_spiders: Any,
+) -> None:
+    """A damaged spill file is replayed up to the damage and then "kept as ``….bad`` for a person to
+    look at" -- the records after the damage (tasks nobody replayed) live only there. The next
+    damaged file is moved to the same name with ``os.replace`` (_spill.py ``replay``), which
+    silently overwrites the first: the tasks it kept are gone."""
+    from .test_attack_producer import Pages
+
+    loop = memory_spiders(Pages)
+    for rounds, (before, after) in enumerate([("a", "b"), ("c", "d")]):
+        _one(loop.name, before)
+        _append_garbage(spill_path(loop.name))
+        _one(loop.name, after)  # appended behind the damage: never replayed, kept for a person
+        await loop.serve(idle_exit=0)
+        assert loop.got[rounds] == before
+    kept = b"".join(p.read_bytes() for p in spill_path(loop.name).parent.iterdir())
+    unreplayed = [label for label in ("b", "d") if encode_task("page", label, [label]) not in kept]
+    assert not unreplayed, f"the spilled tasks {unreplayed} are neither replayed nor kept in any file"
+
+
+def _one(name: str, label: str) -> None:
+    outbox = Outbox()
+    outbox.add([NewTask(encode_task("page", label, [label]), name_key(label), False, False, 0.0)])
+    spill(name, outbox)
