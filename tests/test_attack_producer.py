@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from achihuo_mini import AsyncLoop, Task
+from achihuo_mini.codec import name_key
+from achihuo_mini.testing import wait_until
 
 from .conftest import SpiderFactory, store_of
 
@@ -111,3 +113,48 @@ async def test_add_task_from_several_threads_raises_for_tasks_it_wrote(tmp_path:
     async with store_of(loop) as store:
         ready = (await store.stats()).ready
     assert not errors, f"{len(errors)} of 200 adds raised (e.g. {errors[0]}) although {ready} of 200 tasks were queued"
+
+
+class Recrawl(AsyncLoop):
+    """run() marks a page done; a handler that runs *afterwards* (it waits for that) uncaches it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("concurrency", 2)
+        kwargs.setdefault("flush_interval", 5.0)
+        super().__init__(**kwargs)
+        self.marked = asyncio.Event()
+        self.committed: list[str] = []
+
+    async def run(self) -> None:
+        self.add_task("refresh", "x")
+        await self.flush()
+        self.task_done("x")  # t1: the loop's outbox
+        self.marked.set()
+        await asyncio.Event().wait()  # a long seeding (a slow sitemap, a feed): cancelled by the stop
+
+    async def refresh(self, name: str) -> None:
+        await self.marked.wait()
+        self.uncache_task(name)  # t2 > t1: "crawl x again"
+        self.committed.append(name)
+
+
+async def test_a_later_uncache_in_a_handler_is_undone_by_an_earlier_task_done(memory_spiders: SpiderFactory) -> None:
+    """``task_done('x')`` in run() (loop outbox), *then* ``uncache_task('x')`` in a handler. The
+    committer writes each round's handler commits first and the loop's outbox after them
+    (_worker.py ``_write_batch``), so the older task_done is applied last: x ends up done, the
+    uncache is lost, and every later ``add_task(x, repeat=False)`` is skipped -- the re-crawl
+    silently never happens."""
+    loop = memory_spiders(Recrawl)
+    serving = asyncio.ensure_future(loop.serve())
+    key = name_key("x")
+
+    async def handler_committed_and_x_written() -> bool:
+        async with store_of(loop) as store:
+            return bool(loop.committed) and (await store.stats()).active == 0 and (await store.done.count()) > 0
+
+    await wait_until(handler_committed_and_x_written, timeout=10)
+    async with store_of(loop) as store:
+        (x_done,) = await store.done.contains([key])
+    loop.stop()
+    await asyncio.wait_for(serving, 30)
+    assert not x_done, "x is in the done set although uncache_task('x') was the last call made for it"
