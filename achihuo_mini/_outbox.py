@@ -15,51 +15,71 @@ attempt's handler runs in a task of its own, which copies the context.
 from __future__ import annotations
 
 import contextvars
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .backend import Lease, NewTask
 
-__all__ = ["CURRENT", "Attempt", "Outbox"]
+__all__ = ["CURRENT", "Attempt", "Outbox", "settle"]
+
+
+_SEQ = itertools.count(1)
+"""One order for every done-set change of the process: when the loop's outbox and a handler's
+commit change the same name in one round of writes, the later call wins, as it would have
+had each call been written at once."""
 
 
 class Outbox:
     """Tasks to push and done-set changes, in the order they were made.
 
-    ``done`` maps a key to its last change (True: add to the done set, False: remove);
-    ``names`` holds the same changes by name, for the local dedup cache, which learns
-    them once the writes succeeded; ``removed`` lists every removal made (the cache
-    must not drop an add of such a name while the removal is unwritten).
+    ``marks`` maps a key to its last change: ``(done, name, seq)`` (``done`` True adds it
+    to the done set, False removes it; ``seq`` orders changes across outboxes).
+    ``removed`` lists every removal made (the dedup cache must not drop an add of such a
+    name while the removal is unwritten). ``seen`` holds the keys of the named tasks
+    buffered here: a later ``repeat=False`` task of such a key is dropped at once, as the
+    backend would drop it (the earlier copy makes it pending) -- and so reordering the
+    buffer for priority tasks can never change which copy of a name is queued.
     """
 
-    __slots__ = ("done", "names", "removed", "tasks")
+    __slots__ = ("marks", "removed", "seen", "tasks")
 
     def __init__(self) -> None:
         self.tasks: list[NewTask] = []
-        self.done: dict[bytes, bool] = {}
-        self.names: dict[str, bool] = {}
+        self.marks: dict[bytes, tuple[bool, str, int]] = {}
         self.removed: list[str] = []
+        self.seen: set[bytes] = set()
 
     def __bool__(self) -> bool:
-        return bool(self.tasks or self.done)
+        return bool(self.tasks or self.marks)
 
     def __len__(self) -> int:
-        return len(self.tasks) + len(self.done)
+        return len(self.tasks) + len(self.marks)
 
-    def add(self, tasks: Sequence[NewTask]) -> None:
-        """Buffer one call's tasks so that the buffer behaves like one push per call:
-        the head tasks of a newer call go before those of older calls (each call's in its own order)."""
-        head = [t for t in tasks if t.head and not t.delay]
+    def add(self, tasks: Sequence[NewTask]) -> int:
+        """Buffer one call's tasks so that the buffer behaves like one push per call: the head
+        tasks of a newer call go before those of older calls (each call's in its own order).
+        Returns how many were dropped as certain duplicates (see the class docstring)."""
+        seen = self.seen
+        kept: list[NewTask] = []
+        for t in tasks:
+            key = t.key
+            if key is not None:
+                if t.unique and key in seen:
+                    continue
+                seen.add(key)
+            kept.append(t)
+        head = [t for t in kept if t.head and not t.delay]
         if head:
             self.tasks[0:0] = head
-            self.tasks.extend(t for t in tasks if not (t.head and not t.delay))
+            self.tasks.extend(t for t in kept if not (t.head and not t.delay))
         else:
-            self.tasks.extend(tasks)
+            self.tasks.extend(kept)
+        return len(tasks) - len(kept)
 
     def mark(self, key: bytes, name: str, done: bool) -> None:
         """Record a done-set change (the last change of a name wins)."""
-        self.done[key] = done
-        self.names[name] = done
+        self.marks[key] = (done, name, next(_SEQ))
         if not done:
             self.removed.append(name)
 
@@ -67,25 +87,42 @@ class Outbox:
         """Move everything into a new outbox and leave this one empty."""
         taken = Outbox()
         taken.tasks, self.tasks = self.tasks, []
-        taken.done, self.done = self.done, {}
-        taken.names, self.names = self.names, {}
+        taken.marks, self.marks = self.marks, {}
         taken.removed, self.removed = self.removed, []
+        taken.seen, self.seen = self.seen, set()
         return taken
 
     def put_back(self, newer: Outbox) -> None:
         """After a failed write: keep this (older) outbox's writes and add the newer ones after them."""
         self.tasks.extend(newer.tasks)
-        self.done.update(newer.done)
-        self.names.update(newer.names)
+        self.marks.update(newer.marks)
         self.removed.extend(newer.removed)
+        self.seen |= newer.seen
 
     def split_done(self) -> tuple[list[bytes], list[bytes]]:
         """``(done, undone)`` keys, in one pass (most outboxes hold one done name and nothing else)."""
         done: list[bytes] = []
         undone: list[bytes] = []
-        for k, v in self.done.items():
+        for k, (v, _, _) in self.marks.items():
             (done if v else undone).append(k)
         return done, undone
+
+    def names(self) -> list[tuple[str, bool]]:
+        """The done-set changes by name, oldest first."""
+        return [(name, done) for done, name, _ in self.marks.values()]
+
+
+def settle(older: Outbox, newer: Sequence[Outbox]) -> None:
+    """Before ``newer`` outboxes and then ``older`` are written in one round: where both change
+    one key, keep only the later call's change (by ``seq``), so write order cannot undo it."""
+    if not older.marks:
+        return
+    for box in newer:
+        for key in older.marks.keys() & box.marks.keys():
+            if older.marks[key][2] > box.marks[key][2]:
+                del box.marks[key]
+            else:
+                del older.marks[key]
 
 
 @dataclass(eq=False)

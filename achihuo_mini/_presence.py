@@ -109,7 +109,9 @@ class Presence:
 
     async def _beat(self, hooks: PresenceHooks, lagged: bool) -> None:
         reply = await self.registry.heartbeat(self.worker, hooks.info(), self.lease_timeout)
-        commands = [c for c in reply if type(c) is str] if isinstance(reply, list) else None
+        if reply is not None and not isinstance(reply, list):
+            raise BackendError(f"heartbeat() answered {mask_secrets(repr(reply))[:80]}, not a list of commands or None")
+        commands = None if reply is None else [c for c in reply if type(c) is str]
         for command in commands or ():
             hooks.command(command)
         if commands is None or lagged:

@@ -15,6 +15,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -159,7 +160,7 @@ class DoneCache:
                 else:
                     removing.pop(name, None)
             if learn and self.size:
-                for name, done in outbox.names.items():
+                for name, done in outbox.names():
                     names.pop(name, None)
                     if done:
                         names[name] = deadline
@@ -193,6 +194,7 @@ class Producer:
         self.outbox = Outbox()  # writes made in an event loop outside handlers
         self.serving: Serving | None = None
         self.deduplicated = 0
+        self.writing = 0
         self._make_store = make_store
         self.blocking = BlockingWriter(make_store)
         self.reconfigure(store, options)
@@ -271,20 +273,24 @@ class Producer:
             self.route([task])
 
     async def add_many(self, tasks: Iterable[Task]) -> None:
+        """Like ``add_task`` per task, in chunks. If the iterable (or a task) raises midway, the
+        tasks before it are kept, as separate ``add_task`` calls would have kept them."""
         chunk: list[NewTask] = []
         in_attempt = self._attempt_outbox() is not None
-        for t in tasks:
-            task = self.new_task(t.generator_name, t.args, t.task_name, t.repeat, t.priority, t.delay)
-            if task is None:
-                continue
-            chunk.append(task)
-            if len(chunk) >= BULK_CHUNK:
+        try:
+            for t in tasks:
+                task = self.new_task(t.generator_name, t.args, t.task_name, t.repeat, t.priority, t.delay)
+                if task is None:
+                    continue
+                chunk.append(task)
+                if len(chunk) >= BULK_CHUNK:
+                    self.route(chunk)
+                    chunk = []
+                    if not in_attempt:
+                        await self.flush()
+        finally:
+            if chunk:
                 self.route(chunk)
-                chunk = []
-                if not in_attempt:
-                    await self.flush()
-        if chunk:
-            self.route(chunk)
         if not in_attempt:
             await self.flush()
 
@@ -316,35 +322,40 @@ class Producer:
     def route(self, tasks: Sequence[NewTask] = (), marks: Sequence[tuple[bytes, str]] = (), done: bool = True) -> None:
         """Put writes in the current attempt's outbox, the loop's outbox, or write them now."""
         outbox = self._attempt_outbox()
-        if outbox is None:
+        if outbox is not None:
+            if tasks:
+                self.deduplicated += outbox.add(tasks)
+            for key, name in marks:
+                outbox.mark(key, name, done)
+            return
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is None:
+            # no event loop: written before this returns (a feeder script)
+            once = Outbox()
+            once.add(tasks)
+            for key, name in marks:
+                once.mark(key, name, done)
             try:
-                running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
-            if running is None:
-                # no event loop: written before this returns (a feeder script)
-                once = Outbox()
-                once.add(tasks)
-                for key, name in marks:
-                    once.mark(key, name, done)
-                try:
-                    self.blocking.write(once)
-                except BaseException:
-                    self.cache.written([once], learn=False)
-                    raise
-                self.cache.written([once])
-                return
-            outbox = self.outbox
-            serving = self.serving
-            if serving is not None and running is serving.aloop:
-                serving.added(len(tasks))
-                if len(outbox) + len(tasks) >= BULK_CHUNK:
-                    serving.kick()
-            # an event loop that is not serving must ``await flush()`` (serve() flushes too)
-        if tasks:
-            outbox.add(tasks)
+                self.blocking.write(once)
+            except BaseException:
+                self.cache.written([once], learn=False)
+                raise
+            self.cache.written([once])
+            return
+        # in an event loop: buffered; one that is not serving must ``await flush()``
+        outbox = self.outbox
+        dropped = outbox.add(tasks) if tasks else 0
+        self.deduplicated += dropped
         for key, name in marks:
             outbox.mark(key, name, done)
+        serving = self.serving
+        if serving is not None and running is serving.aloop:
+            serving.added(len(tasks) - dropped)
+            if len(outbox) >= BULK_CHUNK:
+                serving.kick()
 
     # -- flushing --------------------------------------------------------------------
 
@@ -368,6 +379,7 @@ class Producer:
         if opened_here:
             await store.open()
         outbox = self.outbox.take()
+        self.writing += 1  # in flight: not idle (another worker may be waiting for these tasks)
         try:
             await store.write(outbox)
         except BaseException:
@@ -376,6 +388,7 @@ class Producer:
             self.outbox = outbox
             raise
         finally:
+            self.writing -= 1
             if opened_here:
                 await store.close()
         self.cache.written([outbox])
@@ -398,9 +411,11 @@ class BlockingWriter:
         self._make_store = make_store
         self._runner: asyncio.Runner | None = None
         self._store: Store | None = None
+        self._lock = threading.Lock()  # threads of a script take turns: one private event loop
 
     def write(self, outbox: Outbox) -> None:
-        self._run(self._write(outbox))
+        with self._lock:
+            self._run(self._write(outbox))
 
     async def _write(self, outbox: Outbox) -> None:
         if self._store is None:
@@ -415,6 +430,10 @@ class BlockingWriter:
         self._runner.run(coro)  # type: ignore[arg-type]
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._runner is None:
             return
         store, self._store = self._store, None

@@ -179,6 +179,7 @@ def printable(value: Any, limit: int = 200) -> str:
     """``value`` as one line of text for a terminal: control characters escaped, secrets masked, cut at ``limit``."""
     text = value if isinstance(value, str) else repr(value)
     text = mask_secrets(text).translate(_CONTROL)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates cannot be printed
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,7 @@ def spill(name: str, outbox: Outbox) -> Path:
         [
             _VERSION,
             [[t.payload, t.key or b"", t.unique, t.head, t.delay] for t in outbox.tasks],
-            [[key, name_, done] for (key, done), name_ in zip(outbox.done.items(), _names_for(outbox), strict=True)],
+            [[key, name_, done] for key, (done, name_, _) in outbox.marks.items()],
         ],
         use_bin_type=True,
     )
@@ -71,12 +73,6 @@ def keep(name: str, outbox: Outbox) -> None:
     else:
         log.error("%s: kept %d writes made outside handlers (tasks added in run(), task_done) in %s; "
                   "the next start of this loop writes them", name, len(outbox), path)  # fmt: skip
-
-
-def _names_for(outbox: Outbox) -> list[str]:
-    """The name of each done-set change, in the order of ``outbox.done`` (names kept for the cache)."""
-    by_order = list(outbox.names)
-    return by_order if len(by_order) == len(outbox.done) else [""] * len(outbox.done)
 
 
 def _outbox(record: Any) -> Outbox:
@@ -108,17 +104,53 @@ def _outbox(record: Any) -> Outbox:
 async def replay(name: str, store: Store) -> int:
     """Write what earlier runs of loop ``name`` spilled; returns the writes replayed.
 
-    The file is renamed before it is read, so a process spilling at the same moment
-    starts a new one. A write that fails here puts the rest back for the next start.
+    A file is renamed before it is read, so a process spilling at the same moment starts a
+    new one; a file left renamed by a replay that was killed (its process is gone) is taken
+    over. A write that fails puts the rest back for the next start. Records replayed twice
+    (a replay killed midway) are duplicates, never losses.
     """
     path = spill_path(name)
-    if not path.exists():
-        return 0
-    taken = path.with_name(f"{path.name}.{os.getpid()}.replaying")
+    replayed = 0
+    for taken in _take(path):
+        replayed += await _replay_file(name, store, path, taken)
+    if replayed:
+        log.warning("%s: replayed %d writes that an earlier run could not write (%s)", name, replayed, path)
+    return replayed
+
+
+def _take(path: Path) -> list[Path]:
+    """Rename the spill file, and the leftovers of killed replays, to names of this process."""
+    if not path.parent.is_dir():
+        return []
+    mine = f"{path.name}.{os.getpid()}.replaying"
+    taken: list[Path] = []
+    candidates = [path] + [p for p in path.parent.glob(f"{path.name}.*.replaying") if p.name != mine]
+    for i, candidate in enumerate(candidates):
+        if candidate != path and _pid_alive(candidate.name[len(path.name) + 1 : -len(".replaying")]):
+            continue  # another process is replaying it right now
+        target = path.with_name(f"{mine}.{i}" if i else mine)
+        try:
+            os.replace(candidate, target)
+        except FileNotFoundError:
+            continue  # another process took it
+        taken.append(target)
+    return taken
+
+
+def _pid_alive(text: str) -> bool:
+    pid = text.split(".", 1)[0]
+    if not pid.isascii() or not pid.isdigit():
+        return False
     try:
-        os.replace(path, taken)
-    except FileNotFoundError:
-        return 0  # another process took it
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+async def _replay_file(name: str, store: Store, path: Path, taken: Path) -> int:
     records, damaged = await asyncio.to_thread(_read, taken)
     bad = 0
     if damaged:
@@ -140,12 +172,11 @@ async def replay(name: str, store: Store) -> int:
             raise
         replayed += len(outbox)
     if bad:
-        os.replace(taken, path.with_name(f"{path.name}.bad"))
-        log.warning("%s: kept the damaged spill file as %s", name, path.with_name(f"{path.name}.bad"))
+        kept = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}")
+        os.replace(taken, kept)  # never over an earlier one: each may hold what a person must look at
+        log.warning("%s: kept the damaged spill file as %s", name, kept)
     else:
         os.unlink(taken)
-    if replayed:
-        log.warning("%s: replayed %d writes that an earlier run could not write (%s)", name, replayed, path)
     return replayed
 
 

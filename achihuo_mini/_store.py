@@ -57,9 +57,10 @@ def _fault(label: str, method: str, exc: BaseException) -> BackendError:
 class _Guarded:
     """A backend object whose methods raise only our errors (see :func:`guard`)."""
 
-    def __init__(self, target: object, label: str) -> None:
+    def __init__(self, target: object, label: str, timeout: float | None) -> None:
         self._target = target
         self._label = label
+        self._timeout = timeout
 
     def __repr__(self) -> str:
         return f"guard({self._target!r})"
@@ -68,7 +69,7 @@ class _Guarded:
         attr = getattr(self._target, name)
         if name.startswith("_") or not callable(attr):
             return attr  # plain attributes (scope, location, durability) are read each time
-        label = self._label
+        label, timeout = self._label, self._timeout
         if name in _SYNC_METHODS:
 
             def call_sync(*args: Any, **kwargs: Any) -> Any:
@@ -84,9 +85,17 @@ class _Guarded:
 
             async def call(*args: Any, **kwargs: Any) -> Any:
                 try:
-                    return await attr(*args, **kwargs)
+                    async with asyncio.timeout(timeout):
+                        return await attr(*args, **kwargs)
                 except _PASS_THROUGH:
                     raise
+                except TimeoutError as exc:
+                    raise BackendUnavailable(f"{label}.{name}() did not answer within {timeout:g} s") from exc
+                except asyncio.CancelledError as exc:
+                    task = asyncio.current_task()
+                    if task is None or task.cancelling():
+                        raise  # we are being cancelled: not the plugin's doing
+                    raise _fault(label, name, exc) from exc  # the plugin raised it by itself
                 except Exception as exc:
                     raise _fault(label, name, exc) from exc
 
@@ -95,11 +104,13 @@ class _Guarded:
         return wrapped
 
 
-def guard(target: _T, plugin: str, side: str) -> _T:
-    """``target`` with every method wrapped: a plugin's own exception becomes a ``BackendError``
-    (``BackendUnavailable`` for ``ConnectionError``/``TimeoutError``) that names the plugin
-    and the method, with the original chained. Our own errors pass unchanged."""
-    return cast(_T, _Guarded(target, f"the {plugin!r} plugin's {side}"))
+def guard(target: _T, plugin: str, side: str, timeout: float | None = None) -> _T:
+    """``target`` with every method wrapped: a plugin's own exception -- ``CancelledError``
+    raised by itself included -- becomes a ``BackendError`` (``BackendUnavailable`` for
+    ``ConnectionError``/``TimeoutError``, and for a call that does not answer within
+    ``timeout`` seconds) that names the plugin and the method, with the original chained.
+    Our own errors pass unchanged."""
+    return cast(_T, _Guarded(target, f"the {plugin!r} plugin's {side}", timeout))
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> bool:
@@ -172,9 +183,13 @@ class Backoff:
 class Store:
     """The queue and done set of one loop, built from its settings (no I/O until :meth:`open`)."""
 
-    def __init__(self, name: str, settings: Settings) -> None:
+    def __init__(self, name: str, settings: Settings, call_timeout: float | None = None) -> None:
+        """``call_timeout``: the longest any backend call may take (default: twice the lease
+        timeout, at least 60 s -- beyond it this worker's leases are gone anyway)."""
         self.name = name
         self.settings = settings
+        if call_timeout is None:
+            call_timeout = max(60.0, 2 * float(settings.loop["lease_timeout"]))
         qspec, dspec = settings.queue.spec(), settings.done.spec()
         assert qspec.create_queue is not None and dspec.create_done_set is not None
         try:
@@ -185,8 +200,8 @@ class Store:
         except Exception as exc:
             raise _fault(f"the {qspec.plugin or qspec.name!r} plugin's", "create", exc) from exc
         self.raw_queue, self.raw_done = raw_queue, raw_done  # unguarded: for their attributes only
-        self.queue: QueueBackend = guard(raw_queue, qspec.plugin or qspec.name, "queue")
-        self.done: DoneSetBackend = guard(raw_done, dspec.plugin or dspec.name, "done set")
+        self.queue: QueueBackend = guard(raw_queue, qspec.plugin or qspec.name, "queue", call_timeout)
+        self.done: DoneSetBackend = guard(raw_done, dspec.plugin or dspec.name, "done set", call_timeout)
         self.registry: WorkerRegistry | None = (
             cast(WorkerRegistry, self.queue) if isinstance(raw_queue, WorkerRegistry) else None
         )
@@ -293,7 +308,7 @@ class Store:
         return [t for t in tasks if id(t) not in skip]
 
     async def _write_done(self, outbox: Outbox) -> None:
-        if outbox.done:
+        if outbox.marks:
             added, removed = outbox.split_done()
             if removed:
                 await self.done.remove(removed)
@@ -316,7 +331,7 @@ class Store:
         else:
             merged = Outbox()
             for a in attempts:
-                merged.done.update(a.outbox.done)
+                merged.marks.update(a.outbox.marks)
             await self._write_done(merged)  # done names first: a duplicate, never a loss
             everything = [t for a in attempts for t in a.outbox.tasks]
             kept = {id(t) for t in await self._unique_filter(everything)} if everything else set()

@@ -32,7 +32,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from ._outbox import CURRENT, Attempt
+from ._outbox import CURRENT, Attempt, settle
 from ._presence import NullPresence, Presence
 from ._producer import HandlerTable, Producer
 from ._report import ERROR_MAX, Report, RunSummary, error_text
@@ -50,7 +50,8 @@ log = logging.getLogger("achihuo_mini")
 HOLD_BACK_DELAY = 2.0  # seconds a task for a handler only a live peer has waits before it is ready again
 RELEASE_WAIT = 2.0  # seconds cancelled handlers get to unwind before their leases are released
 BACKGROUND_WAIT = 15.0  # seconds the committer/heartbeat get to finish their call at shutdown
-FINAL_WRITES = 10.0  # seconds a stop keeps trying to write through an outage
+FINAL_WRITES = 10.0  # seconds a stop keeps trying to write what is left
+UNREGISTER_WAIT = 5.0  # seconds unregistering, and closing the backends, may take at exit
 
 
 class Worker:
@@ -154,14 +155,21 @@ class Worker:
         """A supervised background task: if it dies, the loop logs why and stops with exit code 1."""
         task = asyncio.ensure_future(coro)
         task.set_name(f"{self.name}-{what}")
+        serving = asyncio.current_task()
+        assert serving is not None
 
         def supervise(task: asyncio.Task[None]) -> None:
+            if self.closing or serving.cancelling() or serving.done():  # a shutdown, or serve() itself cancelled
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("%s: the %s failed while stopping", self.name, what, exc_info=task.exception())
+                return
+            exc = None if task.cancelled() else task.exception()
             if task.cancelled():
-                return
-            exc = task.exception()
-            if exc is None and self.closing:
-                return
-            reason = f"the {what} stopped" if exc is None else f"the {what} died: {type(exc).__name__}: {exc}"
+                reason = f"the {what} was cancelled"  # nobody cancels it but the shutdown
+            elif exc is None:
+                reason = f"the {what} stopped"
+            else:
+                reason = f"the {what} died: {type(exc).__name__}: {exc}"
             log.error("%s: %s; stopping", self.name, reason, exc_info=exc)
             self.report.fail(reason)
             self.stop()
@@ -296,8 +304,9 @@ class Worker:
 
     def _quiet(self, seeder: asyncio.Task[None] | None) -> bool:
         """Nothing of this process is unwritten or still seeding."""
+        p = self.producer
         return not (
-            self.producer.outbox or self.commits or self.retries or self.burials or self.releases or self.holding
+            p.outbox or p.writing or self.commits or self.retries or self.burials or self.releases or self.holding
         ) and (seeder is None or seeder.done())
 
     async def _globally_idle(self) -> bool:
@@ -475,6 +484,7 @@ class Worker:
         store, summary = self.store, self.report.summary
         if self.commits:
             attempts, self.commits = self.commits, []
+            settle(self.producer.outbox, [a.outbox for a in attempts])  # written after them: later calls win
             try:
                 applied = await store.commit(attempts)
             except BaseException:
@@ -554,19 +564,23 @@ class Worker:
             if self.store.opened:
                 await self._final_writes()
                 try:
-                    await self.presence.stop()
-                except BackendError as exc:
+                    async with asyncio.timeout(UNREGISTER_WAIT):
+                        await self.presence.stop()
+                except (BackendError, TimeoutError) as exc:
                     log.error("%s: could not unregister (the registry forgets this worker after the lease timeout): %s",
-                              self.name, exc)  # fmt: skip
-                    self.report.fail(str(exc))
+                              self.name, exc or "no answer")  # fmt: skip
+                    self.report.fail(f"could not unregister: {exc or 'no answer'}")
+            elif self.producer.outbox:  # it never opened: what was added before serve() waits in a file
+                keep(self.name, self.producer.take_unwritten())
         finally:
             for task in self.running:
                 log.error("%s: handler %s did not stop; its lease comes back after the lease timeout", self.name, task)
             self.running.clear()
             try:
-                await self.store.close()
-            except BackendError as exc:
-                log.warning("%s: closing the backends failed: %s", self.name, exc)
+                async with asyncio.timeout(UNREGISTER_WAIT):
+                    await self.store.close()
+            except (BackendError, TimeoutError) as exc:
+                log.warning("%s: closing the backends failed: %s", self.name, exc or "no answer")
 
     async def _wait_running(self, grace: float) -> None:
         deadline = time.monotonic() + grace
@@ -579,37 +593,43 @@ class Worker:
                 return
 
     async def _final_writes(self) -> None:
-        """Write what is left; through an outage for up to FINAL_WRITES seconds; never drop it silently."""
-        deadline = time.monotonic() + FINAL_WRITES
-        while True:
-            try:
-                return await self._write_batch()
-            except BackendUnavailable as exc:
-                if time.monotonic() < deadline:
-                    await asyncio.sleep(0.5)
-                    continue
-                error: BackendError = exc
-            except BackendError as exc:
-                error = exc
-            break
+        """Write what is left, for at most FINAL_WRITES seconds; never drop anything silently."""
+        error: BackendError | None = None
+        try:
+            async with asyncio.timeout(FINAL_WRITES):
+                while True:
+                    try:
+                        return await self._write_batch()
+                    except BackendUnavailable as exc:  # an outage: keep trying until the deadline
+                        error = exc
+                        await asyncio.sleep(0.5)
+                    except BackendError as exc:
+                        error = exc
+                        break
+        except TimeoutError:
+            error = error or BackendUnavailable(f"the backend did not answer within {FINAL_WRITES:g} s")
+        assert error is not None
         log.error("%s: could not write before exiting: %s", self.name, error)
         self.report.fail(f"could not write before exiting: {error}")
         lost = [a.lease for a in self.commits]
-        if lost and not isinstance(error, BackendUnavailable):
+        down = isinstance(error, BackendUnavailable)
+        if lost and not down:
             try:  # a commit the backend refuses: give the tasks back, they run again (never lost)
-                await self.store.release(lost)
+                async with asyncio.timeout(FINAL_WRITES):
+                    await self.store.release(lost)
                 log.error("%s: %d finished tasks went back to the queue unacknowledged", self.name, len(lost))
                 lost = []
-            except BackendError:
+            except (BackendError, TimeoutError):
                 pass
         held = len(lost) + len(self.retries) + len(self.burials) + len(self.releases) + len(self.held)
         if held:
             log.error("%s: %d leases come back after the lease timeout (finished tasks among them run again)",
                       self.name, held)  # fmt: skip
-        if self.producer.outbox and not isinstance(error, BackendUnavailable):
+        if self.producer.outbox and not down:
             try:
-                await self.producer.flush_once()
-            except BackendError:
+                async with asyncio.timeout(FINAL_WRITES):
+                    await self.producer.flush_once()
+            except (BackendError, TimeoutError):
                 pass
         if self.producer.outbox:
             keep(self.name, self.producer.take_unwritten())

@@ -147,8 +147,11 @@ def run_command(loop: Spider, args: argparse.Namespace) -> int:
         return 1
 
 
+ADMIN_CALL_TIMEOUT = 300.0  # a clear of millions of tasks takes a while; a hung backend must not hang for ever
+
+
 async def _admin(loop: Spider, args: argparse.Namespace) -> int:
-    store = Store(loop.name, loop.settings)
+    store = Store(loop.name, loop.settings, call_timeout=ADMIN_CALL_TIMEOUT)
     await store.open()
     try:
         if args.command == "stop":

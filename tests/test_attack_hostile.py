@@ -21,7 +21,7 @@ class Spider(AsyncLoop):
 
 
 @pytest.mark.processes
-def test_status_crashes_on_a_lone_surrogate_in_a_registry_entry(tmp_path: Path) -> None:
+def test_status_prints_a_lone_surrogate_from_the_registry_escaped(tmp_path: Path) -> None:
     """Worker info is JSON; ``"\\ud800"`` is valid JSON and decodes to a lone surrogate.
     ``printable`` (_report.py) escapes control characters but not surrogates, so ``status``
     prints a string that stdout cannot encode: ``UnicodeEncodeError``, a traceback, exit 1 --

@@ -33,7 +33,9 @@ def _spill_tasks(name: str, n: int) -> Path:
     return path
 
 
-async def test_sigkill_during_spill_replay_strands_the_rest_of_the_file(backend_options_for: Any, tmp_path: Path) -> None:
+async def test_a_replay_killed_midway_is_finished_by_the_next_start(
+    backend_options_for: Any, tmp_path: Path
+) -> None:
     """The replaying process renames the spill file to ``<name>.spill.<pid>.replaying`` and then
     writes it record by record. If it is killed meanwhile (SIGKILL, OOM, power loss), the
     renamed file is never looked at again: the next start only replays ``<name>.spill``.
@@ -70,7 +72,7 @@ def _append_garbage(path: Path) -> None:
         f.write(b"\xc1")  # a byte msgpack never uses: the rest of the file cannot be read
 
 
-async def test_a_second_damaged_spill_file_overwrites_the_first_one_kept_for_a_person(
+async def test_every_damaged_spill_file_is_kept_for_a_person(
     memory_spiders: Any,
 ) -> None:
     """A damaged spill file is replayed up to the damage and then "kept as ``….bad`` for a person to

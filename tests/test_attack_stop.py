@@ -21,7 +21,7 @@ class Feed(AsyncLoop):
         self.ran.append(i)
 
 
-async def test_tasks_added_before_a_serve_that_cannot_open_are_dropped_silently(tmp_path: Path) -> None:
+async def test_tasks_added_before_a_serve_that_cannot_open_are_spilled(tmp_path: Path) -> None:
     """An embedding program adds tasks in its event loop, then ``await serve()``; the backend is
     unreachable, so serve() fails at ``store.open()`` and returns exit code 1. ``_shutdown`` writes
     and spills only ``if self.store.opened`` (_worker.py ``_shutdown``): the buffered tasks are
