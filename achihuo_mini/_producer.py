@@ -12,12 +12,13 @@ cached: whether a name is pending changes with every ack anywhere.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -159,7 +160,7 @@ class DoneCache:
                     removing[name] = left
                 else:
                     removing.pop(name, None)
-            if learn and self.size:
+            if learn and self.size and outbox.marks:
                 for name, done in outbox.names():
                     names.pop(name, None)
                     if done:
@@ -276,23 +277,43 @@ class Producer:
         """Like ``add_task`` per task, in chunks. If the iterable (or a task) raises midway, the
         tasks before it are kept, as separate ``add_task`` calls would have kept them."""
         chunk: list[NewTask] = []
-        in_attempt = self._attempt_outbox() is not None
-        try:
-            for t in tasks:
-                task = self.new_task(t.generator_name, t.args, t.task_name, t.repeat, t.priority, t.delay)
-                if task is None:
-                    continue
-                chunk.append(task)
-                if len(chunk) >= BULK_CHUNK:
-                    self.route(chunk)
-                    chunk = []
-                    if not in_attempt:
-                        await self.flush()
-        finally:
-            if chunk:
+        if self._attempt_outbox() is not None:  # they join the handler's outbox
+            try:
+                for t in tasks:
+                    task = self.new_task(t.generator_name, t.args, t.task_name, t.repeat, t.priority, t.delay)
+                    if task is not None:
+                        chunk.append(task)
+            finally:
                 self.route(chunk)
-        if not in_attempt:
+            return
+        async with self._opened():  # not serving: one connection for every chunk
+            try:
+                for t in tasks:
+                    task = self.new_task(t.generator_name, t.args, t.task_name, t.repeat, t.priority, t.delay)
+                    if task is None:
+                        continue
+                    chunk.append(task)
+                    if len(chunk) >= BULK_CHUNK:
+                        self.route(chunk)
+                        chunk = []
+                        await self.flush()
+            finally:
+                if chunk:
+                    self.route(chunk)
             await self.flush()
+
+    @contextlib.asynccontextmanager
+    async def _opened(self) -> AsyncIterator[None]:
+        """The store open for the block; closed after it if it was opened here (not serving)."""
+        store = self.store
+        if store.opened:
+            yield
+            return
+        await store.open()
+        try:
+            yield
+        finally:
+            await store.close()
 
     def mark(self, names: Sequence[Any], done: bool, caller: str) -> None:
         """``task_done`` (``done``) or ``uncache_task`` of ``names``."""
@@ -374,23 +395,18 @@ class Producer:
     async def flush_once(self) -> None:
         if not self.outbox:
             return
-        store = self.store
-        opened_here = not store.opened  # not serving: open for this write only (no connection left behind)
-        if opened_here:
-            await store.open()
-        outbox = self.outbox.take()
-        self.writing += 1  # in flight: not idle (another worker may be waiting for these tasks)
-        try:
-            await store.write(outbox)
-        except BaseException:
-            # put it back in front so nothing is lost and order is kept
-            outbox.put_back(self.outbox)
-            self.outbox = outbox
-            raise
-        finally:
-            self.writing -= 1
-            if opened_here:
-                await store.close()
+        async with self._opened():  # not serving: open for this write only (no connection left behind)
+            outbox = self.outbox.take()
+            self.writing += 1  # in flight: not idle (another worker may be waiting for these tasks)
+            try:
+                await self.store.write(outbox)
+            except BaseException:
+                # put it back in front so nothing is lost and order is kept
+                outbox.put_back(self.outbox)
+                self.outbox = outbox
+                raise
+            finally:
+                self.writing -= 1
         self.cache.written([outbox])
 
     def take_unwritten(self) -> Outbox:

@@ -335,10 +335,16 @@ class Worker:
     def _finished(self, task: asyncio.Task[None]) -> None:
         self.running.pop(task, None)
         self.wake.set()
-        if not task.cancelled() and task.exception() is not None:  # a bug of ours: never silent
-            log.error("%s: an attempt failed unexpectedly", self.name, exc_info=task.exception())
 
     async def _attempt(self, attempt: Attempt) -> None:
+        try:
+            await self._run_attempt(attempt)
+        except Exception as exc:  # a bug of ours, never the handler's: loud, and the lease comes back
+            log.error("%s: running task %s failed unexpectedly", self.name, attempt.lease.task_id, exc_info=exc)
+            self.releases.append(attempt.lease)
+            self.kick()
+
+    async def _run_attempt(self, attempt: Attempt) -> None:
         lease = attempt.lease
         try:
             decoded = decode_task(lease.payload, self.producer.max_task_size)

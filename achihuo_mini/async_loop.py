@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._producer import HandlerTable, Producer, Task
 from ._report import RunSummary
@@ -44,9 +44,11 @@ from ._store import Store
 from ._worker import Worker
 from .config import DEFAULT_CACHE_BACKEND, LOOP_OPTIONS, Settings, load_settings
 from .errors import ConfigError
-from .http import HttpClient, Response
 from .item import Item
 from .plugins import coerce_option
+
+if TYPE_CHECKING:  # aiohttp is imported on the first request (about 10 MiB a process may not need)
+    from .http import HttpClient, Response
 
 __all__ = ["DEFAULT_CACHE_BACKEND", "AsyncLoop", "RunSummary", "Task"]
 
@@ -344,6 +346,8 @@ class AsyncLoop:
         core = self.__core
         http = core.http
         if http is None:
+            from .http import HttpClient
+
             overridden = type(self).check_html is not AsyncLoop.check_html
             http = core.http = HttpClient(
                 self.name,
