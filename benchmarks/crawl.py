@@ -9,6 +9,8 @@ from ``/p/0.html``) and to 8 random pages at or below i (mostly already seen: ab
 of the links a crawler extracts are repeats, so dedup matters). It is served by nginx
 (the system package: ``apt-get install nginx``) from a generated config: one worker,
 ``access_log off``, ``daemon off``, 127.0.0.1 on a free port; it is stopped at the end.
+Without nginx (or with ``ACHIHUO_BENCH_SERVER=python``) a Python static server serves it
+and a note under the table says it may then be the bottleneck.
 
 Rows, each in a fresh subprocess (so CPU seconds, ``getrusage(RUSAGE_SELF)``, and peak
 RSS, ``VmHWM`` from ``/proc/self/status``, are its own), at the same concurrency (64):
@@ -133,6 +135,16 @@ def free_port() -> int:
         return port
 
 
+PYTHON_SERVER = """
+import sys
+from aiohttp import web
+app = web.Application()
+app.router.add_static("/", sys.argv[1])
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), print=None, access_log=None)
+"""
+"""The static server when nginx is not installed: one Python process (it can be the bottleneck)."""
+
+
 class Nginx:
     """nginx serving ``root`` from a generated config (one worker, no access log), as a subprocess."""
 
@@ -140,11 +152,9 @@ class Nginx:
         self.binary = shutil.which("nginx") or next(
             (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.path.exists(p)), None
         )
-        if self.binary is None:
-            raise SystemExit(
-                "crawl.py needs nginx as the static server (it must not be the bottleneck): "
-                "install it with `apt-get install -y nginx` (or your system's package)"
-            )
+        if os.environ.get("ACHIHUO_BENCH_SERVER") == "python":
+            self.binary = None
+        self.name = "nginx" if self.binary else "python (aiohttp static)"
         self.tmp, self.root, self.port = tmp, root, free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -185,21 +195,24 @@ http {{
         return conf
 
     def start(self) -> str:
-        conf = self.config()
-        cmd = [self.binary or "nginx", "-p", str(self.tmp), "-c", str(conf), "-e", str(self.tmp / "nginx-error.log")]
+        if self.binary is None:  # no nginx (a fresh machine): Python serves, and may be the bottleneck
+            cmd = [sys.executable, "-c", PYTHON_SERVER, str(self.root), str(self.port)]
+        else:
+            conf = self.config()
+            cmd = [self.binary, "-p", str(self.tmp), "-c", str(conf), "-e", str(self.tmp / "nginx-error.log")]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise SystemExit(f"nginx exited with {self.proc.returncode}:\n{err}")
+                raise SystemExit(f"{self.name} exited with {self.proc.returncode}:\n{err}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return f"http://127.0.0.1:{self.port}"
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise SystemExit("nginx did not start listening within 10 s")
+        raise SystemExit(f"{self.name} did not start listening within 10 s")
 
     def worker_pids(self) -> list[int]:
         assert self.proc is not None
@@ -592,8 +605,9 @@ def main() -> None:
                 runs.append((peer_label(peer, r.get("detail", "")), r))
         finally:
             server.stop()
+        server_name = "nginx 1 worker" if server.binary else server.name
     bare = n / runs[1][1]["wall"]
-    rows = [["crawler", "pages", "pages/s", "CPU s", "peak RSS MiB", "nginx CPU %", "vs bare aiohttp"]]
+    rows = [["crawler", "pages", "pages/s", "CPU s", "peak RSS MiB", "server CPU %", "vs bare aiohttp"]]
     notes: list[str] = []
     for label, r in runs:
         rate = r["pages"] / r["wall"]
@@ -613,11 +627,16 @@ def main() -> None:
         )
     print(
         f"crawl of {n:,} pages ({size / n / 1024:.1f} KB avg, {LINKS_PER_PAGE} links each, "
-        f"{size / 2**20:.0f} MiB, generated in {gen_s:.1f} s), nginx 1 worker, concurrency {c}; {machine()}"
+        f"{size / 2**20:.0f} MiB, generated in {gen_s:.1f} s), {server_name}, concurrency {c}; {machine()}"
     )
     print(table(rows))
+    if server_name != "nginx 1 worker":
+        print(
+            "NOTE: nginx is not installed, so a Python static server served the site: it may be the "
+            "bottleneck of every row (see its CPU %); install nginx for figures worth comparing"
+        )
     print(
-        "nginx CPU %: the nginx worker's CPU time during the row / the row's wall time "
+        "server CPU %: the static server's CPU time during the row / the row's wall time "
         "(well under 100 %: the server is not the bottleneck)"
     )
     if peers:
