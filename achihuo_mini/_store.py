@@ -286,6 +286,13 @@ class Store:
             raise
         self.opened = True
 
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def close(self) -> None:
         if self.opened:
             self.opened = False

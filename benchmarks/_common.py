@@ -6,8 +6,6 @@ import os
 import platform
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 from achihuo_mini import AsyncLoop
@@ -41,15 +39,9 @@ def make_loop(name: str, config: Path, concurrency: int = 32) -> AsyncLoop:
     return loop
 
 
-@asynccontextmanager
-async def store_of(loop: AsyncLoop) -> AsyncIterator[Store]:
+def store_of(loop: AsyncLoop) -> Store:
     """The loop's queue and done set (as its settings say), opened to look at or clear."""
-    store = Store(loop.name, loop.settings)
-    await store.open()
-    try:
-        yield store
-    finally:
-        await store.close()
+    return Store(loop.name, loop.settings)  # an async context manager: opened on entry, closed on exit
 
 
 def machine() -> str:

@@ -9,8 +9,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,15 +119,9 @@ def _isolated_data_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: py
     monkeypatch.delenv("ACHIHUO_CONFIG", raising=False)
 
 
-@asynccontextmanager
-async def store_of(loop: Any) -> AsyncIterator[Store]:
+def store_of(loop: Any) -> Store:
     """The backends of ``loop`` (its queue and done set, as its settings say), opened for a test to look at."""
-    store = Store(loop.name, loop.settings)
-    await store.open()
-    try:
-        yield store
-    finally:
-        await store.close()
+    return Store(loop.name, loop.settings)  # an async context manager: opened on entry, closed on exit
 
 
 def write_backend_config(path: Path, backend: str, options: dict[str, Any], loop: dict[str, Any] | None = None) -> Path:
