@@ -251,6 +251,7 @@ class Worker:
 
     def check_leases(self) -> None:
         self.strays_due = True
+        self.wake.set()  # also a dispatcher waiting for a free slot
 
     # -- the dispatcher ----------------------------------------------------------------
 
@@ -261,13 +262,15 @@ class Worker:
         task_timeout = float(self.options["task_timeout"])
         while not self.stopping:
             free = self.concurrency - len(self.running) - self.holding
-            if free <= 0:
+            if free <= 0 and not self.strays_due:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
             try:
-                if self.strays_due:
+                if self.strays_due:  # here, so that no reserve is in flight meanwhile
                     await self._release_strays()
+                    if free <= 0:
+                        continue
                 leases = await self.store.reserve(self.presence.worker, free)
             except BackendError as exc:
                 if isinstance(exc, BackendUnavailable):

@@ -115,18 +115,19 @@ async def test_stray_leases_are_released_at_the_next_heartbeat(spiders: SpiderFa
         async def wait(self) -> None:
             await self.gate.wait()
 
-    loop = spiders(Gate, heartbeat_interval=0.05, concurrency=2)
+    loop = spiders(Gate, heartbeat_interval=0.05, concurrency=1)
     Gate.gate = asyncio.Event()
     loop.add_task("wait")
     serving = asyncio.ensure_future(loop.serve())
     async with store_of(loop) as store:
         assert store.registry is not None
-        await wait_until(lambda: _leased(store, 1), timeout=30)
+        await wait_until(lambda: _leased(store, 1), timeout=30)  # its one slot is taken: it reserves nothing
         (me,) = [w for w in await store.registry.workers() if w.alias == loop.alias]
         await store.queue.push([NewTask(encode_task("h", "stray", ["stray"]))])
         assert len(await store.queue.reserve(me.worker, 1)) == 1  # held under the loop's own worker id
+        await wait_until(lambda: _ready(store, 1), timeout=30)  # given back by its heartbeat
+        Gate.gate.set()
         await wait_until(lambda: _ran(loop, "stray"), timeout=30)
-    Gate.gate.set()
     loop.stop()
     summary = await asyncio.wait_for(serving, 30)
     assert summary.exit_code == 0 and loop.ran == ["stray"]
@@ -134,6 +135,10 @@ async def test_stray_leases_are_released_at_the_next_heartbeat(spiders: SpiderFa
 
 async def _leased(store: Any, n: int) -> bool:
     return bool((await store.stats()).leased == n)
+
+
+async def _ready(store: Any, n: int) -> bool:
+    return bool((await store.stats()).ready == n)
 
 
 async def _ran(loop: Recorder, label: str) -> bool:
