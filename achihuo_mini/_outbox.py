@@ -61,6 +61,17 @@ class Outbox:
         tasks of a newer call go before those of older calls (each call's in its own order).
         Returns how many were dropped as certain duplicates (see the class docstring)."""
         seen = self.seen
+        if len(tasks) == 1:  # one add_task call: the common case, in short
+            t = tasks[0]
+            if t.key is not None:
+                if t.unique and t.key in seen:
+                    return 1
+                seen.add(t.key)
+            if t.head and not t.delay:
+                self.tasks.insert(0, t)
+            else:
+                self.tasks.append(t)
+            return 0
         kept: list[NewTask] = []
         for t in tasks:
             key = t.key

@@ -56,7 +56,6 @@ class Report:
         self.started_wall = time.time()
         self.started = time.monotonic()
         self._samples: collections.deque[tuple[float, int]] = collections.deque()
-        self._dedup_base = 0
 
     def fail(self, reason: str) -> None:
         """The serve ends with exit code 1 for ``reason`` (the first reason is kept)."""
