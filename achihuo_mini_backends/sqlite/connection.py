@@ -251,28 +251,17 @@ class _SqliteStore:
 
     def _prepare(self, conn: sqlite3.Connection) -> int:
         """Check (and on a new file create) the schema and add this loop's namespace, in ONE write transaction."""
-        if not self._lock.acquire(timeout=self.busy_timeout):
-            raise BackendUnavailable(
-                f"SQLite {self.location}: still locked by this process after {self.busy_timeout} s"
-            )
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                if self._schema_version(conn) == 0:
-                    for statement in SCHEMA:
-                        conn.execute(statement)
-                    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                name = self.namespace.encode("utf-8", "surrogatepass")
-                conn.execute("INSERT OR IGNORE INTO namespaces (name) VALUES (?)", (name,))
-                ns = int(conn.execute("SELECT id FROM namespaces WHERE name = ?", (name,)).fetchone()[0])
-                conn.execute("COMMIT")
-            except BaseException:
-                _rollback(conn)
-                raise
-        finally:
-            self._lock.release()
-        return ns
+        return self._write(conn, self._prepare_in_transaction)
+
+    def _prepare_in_transaction(self, conn: sqlite3.Connection) -> int:
+        if self._schema_version(conn) == 0:
+            for statement in SCHEMA:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        name = self.namespace.encode("utf-8", "surrogatepass")
+        conn.execute("INSERT OR IGNORE INTO namespaces (name) VALUES (?)", (name,))
+        return int(conn.execute("SELECT id FROM namespaces WHERE name = ?", (name,)).fetchone()[0])
 
     def _schema_version(self, conn: sqlite3.Connection) -> int:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -346,6 +335,10 @@ class _SqliteStore:
                 return fn(conn, *args)
             finally:
                 conn.execute("COMMIT")
+        return self._write(conn, fn, *args)
+
+    def _write(self, conn: sqlite3.Connection, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(conn, *args)`` in one write transaction (``BEGIN IMMEDIATE``), holding the per-file lock."""
         if not self._lock.acquire(timeout=self.busy_timeout):
             raise BackendUnavailable(
                 f"SQLite {self.location}: still locked by this process after {self.busy_timeout} s"
