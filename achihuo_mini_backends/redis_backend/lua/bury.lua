@@ -2,12 +2,7 @@
 -- lease has them). Each held lease counts one failure and moves to the tail of the
 -- dead letters (its key is no longer pending). Returns how many were buried.
 expect('tasks', 'meta', 'leased', 'pending', 'dead')
-local ids = {}
-for i = 1, #ARGV, 5 do
-  ids[#ids + 1] = ARGV[i]
-end
-local held = hmget(K.leased, ids)
-local metas = hmget(K.meta, ids)
+local ids, held, metas, from_lease = lease_quintuples()
 local n, seen = 0, {}
 for j, id in ipairs(ids) do
   local i = 5 * (j - 1) + 1
@@ -15,7 +10,7 @@ for j, id in ipairs(ids) do
     seen[id] = true
     local _, failures, key = parse_meta(metas[j])
     if not failures then
-      failures, key = math.min(tonumber(ARGV[i + 3]), MAX_U32 - 1), ARGV[i + 4]
+      failures, key = from_lease(j)
       note('task ' .. id .. ': metadata ' .. show(metas[j]) .. ' is unreadable: the lease\'s is used')
     end
     local payload = ''

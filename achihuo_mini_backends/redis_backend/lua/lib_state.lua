@@ -38,6 +38,21 @@ local function hmget(key, fields)
   return out
 end
 
+-- retry and bury: ARGV in quintuples (id, token, delay or error, failures, key as the
+-- lease has them). Returns the ids, what `leased` and `meta` hold for them, and a function
+-- giving quintuple j's failures and key from the lease (for a task whose meta is unreadable).
+local function lease_quintuples()
+  local ids = {}
+  for i = 1, #ARGV, 5 do
+    ids[#ids + 1] = ARGV[i]
+  end
+  local function from_lease(j)
+    local i = 5 * (j - 1) + 1
+    return math.min(tonumber(ARGV[i + 3]), MAX_U32 - 1), ARGV[i + 4]
+  end
+  return ids, hmget(K.leased, ids), hmget(K.meta, ids), from_lease
+end
+
 local next_id_value = nil
 
 local function next_id()

@@ -4,12 +4,7 @@
 -- its lease. Returns how many.
 expect('meta', 'delayed', 'leased', 'wake')
 local now = now_ms()
-local ids = {}
-for i = 1, #ARGV, 5 do
-  ids[#ids + 1] = ARGV[i]
-end
-local held = hmget(K.leased, ids)
-local metas = hmget(K.meta, ids)
+local ids, held, metas, from_lease = lease_quintuples()
 local n, seen = 0, {}
 for j, id in ipairs(ids) do
   local i = 5 * (j - 1) + 1
@@ -17,7 +12,8 @@ for j, id in ipairs(ids) do
     seen[id] = true
     local attempt, failures, key = parse_meta(metas[j])
     if not attempt then
-      attempt, failures, key = parse_token(ARGV[i + 1]), math.min(tonumber(ARGV[i + 3]), MAX_U32 - 1), ARGV[i + 4]
+      attempt = parse_token(ARGV[i + 1])
+      failures, key = from_lease(j)
       note('task ' .. id .. ': metadata ' .. show(metas[j]) .. ' is unreadable: rebuilt from the lease')
     end
     W.del_leased[#W.del_leased + 1] = id
