@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextvars
 import itertools
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -35,6 +37,8 @@ class Outbox:
 
     ``marks`` maps a key to its last change: ``(done, name, seq)`` (``done`` True adds it
     to the done set, False removes it; ``seq`` orders changes across outboxes).
+    ``ttls`` holds the ttl (seconds) of the done changes made with one (``task_done(ttl=)``,
+    ``done_ttl``): those names are done only until their ttl passes.
     ``removed`` lists every removal made (the dedup cache must not drop an add of such a
     name while the removal is unwritten). ``seen`` holds the keys of the named tasks
     buffered here: a later ``repeat=False`` task of such a key is dropped at once, as the
@@ -42,13 +46,15 @@ class Outbox:
     buffer for priority tasks can never change which copy of a name is queued.
     """
 
-    __slots__ = ("marks", "removed", "seen", "tasks")
+    __slots__ = ("marked_at", "marks", "removed", "seen", "tasks", "ttls")
 
     def __init__(self) -> None:
         self.tasks: list[NewTask] = []
         self.marks: dict[bytes, tuple[bool, str, int]] = {}
         self.removed: list[str] = []
         self.seen: set[bytes] = set()
+        self.ttls: dict[bytes, float] = {}
+        self.marked_at = math.inf  # monotonic time of the first change with a ttl (the dedup cache's bound)
 
     def __bool__(self) -> bool:
         return bool(self.tasks or self.marks)
@@ -88,9 +94,15 @@ class Outbox:
             self.tasks.extend(kept)
         return len(tasks) - len(kept)
 
-    def mark(self, key: bytes, name: str, done: bool) -> None:
-        """Record a done-set change (the last change of a name wins)."""
+    def mark(self, key: bytes, name: str, done: bool, ttl: float | None = None) -> None:
+        """Record a done-set change (the last change of a name wins); ``ttl``: done for that long only."""
         self.marks[key] = (done, name, next(_SEQ))
+        if done and ttl is not None:
+            self.ttls[key] = ttl
+            if self.marked_at == math.inf:
+                self.marked_at = time.monotonic()
+        elif self.ttls:
+            self.ttls.pop(key, None)
         if not done:
             self.removed.append(name)
 
@@ -101,22 +113,44 @@ class Outbox:
         taken.marks, self.marks = self.marks, {}
         taken.removed, self.removed = self.removed, []
         taken.seen, self.seen = self.seen, set()
+        taken.ttls, self.ttls = self.ttls, {}
+        taken.marked_at, self.marked_at = self.marked_at, math.inf
         return taken
 
     def put_back(self, newer: Outbox) -> None:
         """After a failed write: keep this (older) outbox's writes and add the newer ones after them."""
         self.tasks.extend(newer.tasks)
-        self.marks.update(newer.marks)
+        self.add_marks(newer)
         self.removed.extend(newer.removed)
         self.seen |= newer.seen
 
+    def add_marks(self, newer: Outbox) -> None:
+        """Take ``newer``'s done-set changes after this one's (a key's later change wins, with its ttl)."""
+        if self.ttls or newer.ttls:
+            self.marked_at = min(self.marked_at, newer.marked_at)
+            for key in newer.marks:
+                if key in newer.ttls:
+                    self.ttls[key] = newer.ttls[key]
+                else:
+                    self.ttls.pop(key, None)
+        self.marks.update(newer.marks)
+
     def split_done(self) -> tuple[list[bytes], list[bytes]]:
-        """``(done, undone)`` keys, in one pass (most outboxes hold one done name and nothing else)."""
+        """``(done, undone)`` keys, in one pass (most outboxes hold one done name and nothing else).
+
+        Done keys with a ttl are not among them: see :meth:`expiring`."""
         done: list[bytes] = []
         undone: list[bytes] = []
         for k, (v, _, _) in self.marks.items():
             (done if v else undone).append(k)
+        if self.ttls:
+            ttls = self.ttls
+            done = [k for k in done if k not in ttls]
         return done, undone
+
+    def expiring(self) -> list[tuple[bytes, float]]:
+        """``(key, ttl)`` of the done keys that have a ttl."""
+        return list(self.ttls.items())
 
     def names(self) -> list[tuple[str, bool]]:
         """The done-set changes by name, oldest first."""
@@ -132,8 +166,10 @@ def settle(older: Outbox, newer: Sequence[Outbox]) -> None:
         for key in older.marks.keys() & box.marks.keys():
             if older.marks[key][2] > box.marks[key][2]:
                 del box.marks[key]
+                box.ttls.pop(key, None)
             else:
                 del older.marks[key]
+                older.ttls.pop(key, None)
 
 
 @dataclass(eq=False)
@@ -156,6 +192,7 @@ class Attempt:
     closed: bool = False
     deadline: float = 0.0
     cancel_reason: str | None = None
+    disallowed: bool = False  # robots.txt refused its URL: acked with an empty outbox, counted apart
 
 
 CURRENT: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar("achihuo_attempt", default=None)

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ._outbox import CURRENT, Outbox
+from ._stats import Stats
 from ._store import Backoff, Store
 from .backend import NewTask, name_key
 from .codec import encode_task
-from .errors import AchihuoError, BackendError, EncodeError, HandlerError, TaskTooLarge
+from .errors import AchihuoError, BackendError, ConfigError, EncodeError, HandlerError, TaskTooLarge
+from .urls import canonical_url, is_http_url
 
 __all__ = ["BlockingWriter", "DoneCache", "HandlerTable", "Producer", "Serving", "Task"]
 
@@ -84,6 +86,11 @@ class HandlerTable:
         )
         self.aliases: dict[str, str] = dict(getattr(cls, "HANDLER_ALIASES", {}) or {})
         self.max_retries: dict[str, int] = dict(getattr(cls, "HANDLER_MAX_RETRIES", {}) or {})
+        self.arity: dict[str, tuple[int, int | None, str]] = {}
+        for name in self.names:
+            arity = _arity(getattr(cls, name))
+            if arity is not None:
+                self.arity[name] = arity
 
     def check(self, name: Any) -> str:
         """``name`` if an add may name it; else :class:`HandlerError` naming it."""
@@ -94,9 +101,32 @@ class HandlerTable:
                 f"add_task: generator_name must be the NAME of a handler (a str), not {type(name).__name__}"
             )
         known = ", ".join(sorted(self.names)) or "none"
+        plain = getattr(type(self.spider), name, None)
+        if callable(plain) and not name.startswith("_") and name not in self.framework:
+            raise HandlerError(
+                f"{name!r} is a plain method of {self.owner}, not a handler: handlers are coroutine "
+                f"methods, write `async def {name}(self, ...)` (handlers: {known})"
+            )
         raise HandlerError(
             f"{name!r} is not a handler of {self.owner}: a handler is a public "
             f"coroutine method defined on the subclass (handlers: {known})"
+        )
+
+    def check_args(self, name: str, n: int) -> None:
+        """:class:`HandlerError` unless handler ``name`` can be called with ``n`` positional arguments."""
+        arity = self.arity.get(self.aliases.get(name, name))
+        if arity is None:
+            return
+        least, most, shown = arity
+        if least <= n and (most is None or n <= most):
+            return
+        if least < 0:
+            raise HandlerError(f"handler {name}{shown} has a keyword-only parameter without a default: add_task "
+                               "passes positional arguments only; give it a default or make it positional")  # fmt: skip
+        wanted = f"{least}" if most == least else f"at least {least}" if most is None else f"{least} to {most}"
+        raise HandlerError(
+            f"add_task: handler {name}{shown} takes {wanted} argument{'' if wanted == '1' else 's'} "
+            f"after self, got {n}"
         )
 
     def resolve(self, name: str) -> Callable[..., Awaitable[Any]] | None:
@@ -115,6 +145,32 @@ class HandlerTable:
         name = self.aliases.get(name, name)
         value = self.max_retries.get(name, default)
         return value if type(value) is int and value >= 0 else default
+
+
+def _arity(function: Any) -> tuple[int, int | None, str] | None:
+    """(fewest, most or None, the signature shown) positional arguments a handler takes after
+    ``self``; fewest is -1 when a keyword-only parameter has no default (add_task cannot pass
+    it). None when the signature cannot be read."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return None
+    params = list(signature.parameters.values())[1:]  # self
+    least, most = 0, 0
+    unlimited = False
+    for p in params:
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            most += 1
+            if p.default is p.empty:
+                least = most
+        elif p.kind is p.VAR_POSITIONAL:
+            unlimited = True
+        elif p.kind is p.KEYWORD_ONLY and p.default is p.empty:
+            least = -1
+    shown = "(" + ", ".join(str(p) for p in params) + ")"
+    if least < 0:
+        return -1, -1, shown
+    return least, None if unlimited else most, shown
 
 
 class DoneCache:
@@ -152,7 +208,8 @@ class DoneCache:
     def written(self, outboxes: Iterable[Outbox], learn: bool = True) -> None:
         """``outboxes`` were written (``learn``), or dropped, or written only in part (not ``learn``)."""
         names, removing = self.names, self._removing
-        deadline = time.monotonic() + self.ttl
+        now = time.monotonic()
+        deadline = now + self.ttl
         for outbox in outboxes:
             for name in outbox.removed:
                 left = removing.get(name, 0) - 1
@@ -161,16 +218,30 @@ class DoneCache:
                 else:
                     removing.pop(name, None)
             if learn and self.size and outbox.marks:
-                for name, done in outbox.names():
+                ttls = outbox.ttls
+                for key, (done, name, _) in outbox.marks.items():
                     names.pop(name, None)
                     if done:
-                        names[name] = deadline
+                        if key in ttls:  # done for a while only: never cached past the backend's deadline
+                            names[name] = min(deadline, outbox.marked_at + ttls[key])
+                        else:
+                            names[name] = deadline
         if len(names) > self.size:  # forget the oldest half
             for name in list(itertools.islice(names, len(names) - self.size // 2)):
                 del names[name]
 
     def clear(self) -> None:
         self.names.clear()
+
+
+def canonical_name(name: str) -> str:
+    """``canonical_names``: an http(s) URL name in its canonical spelling; any other name as it is."""
+    if is_http_url(name):
+        try:
+            return canonical_url(name)
+        except ValueError:
+            return name  # not a URL w3lib can read: the name stays as written
+    return name
 
 
 class Serving(Protocol):
@@ -182,19 +253,25 @@ class Serving(Protocol):
 
     def kick(self) -> None: ...
 
-    def added(self, n: int) -> None: ...
+    def written(self, offered: int, pushed: int) -> None:
+        """``offered`` tasks added outside handlers were written; ``pushed`` of them enqueued."""
 
 
 class Producer:
     """Checks, encodes and routes what a spider writes (see the module docstring)."""
 
     def __init__(
-        self, handlers: HandlerTable, store: Store, make_store: Callable[[], Store], options: Mapping[str, Any]
+        self,
+        handlers: HandlerTable,
+        store: Store,
+        make_store: Callable[[], Store],
+        options: Mapping[str, Any],
+        stats: Stats,
     ) -> None:
         self.handlers = handlers
         self.outbox = Outbox()  # writes made in an event loop outside handlers
         self.serving: Serving | None = None
-        self.deduplicated = 0
+        self.stats = stats
         self.writing = 0
         self._make_store = make_store
         self.blocking = BlockingWriter(make_store)
@@ -205,6 +282,8 @@ class Producer:
         self.store = store
         self.cache = DoneCache(int(options["dedup_cache"]), float(options["dedup_cache_ttl"]))
         self.max_task_size = int(options["max_task_size"])
+        self.canonical = bool(options.get("canonical_names"))
+        self.done_ttl: float | None = options.get("done_ttl")
         self.blocking.close()
         self.blocking = BlockingWriter(self._make_store)
 
@@ -223,10 +302,13 @@ class Producer:
         handlers = self.handlers
         if type(generator_name) is not str or generator_name not in handlers.names:
             handlers.check(generator_name)  # raises, unless it is an alias
+        handlers.check_args(generator_name, len(args))
         if task_name is not None and type(task_name) is not str:
             if not isinstance(task_name, str):
                 raise TypeError(f"add_task: task_name must be a str or None, not {type(task_name).__name__}")
             task_name = str(task_name)
+        if self.canonical and task_name is not None:
+            task_name = canonical_name(task_name)
         if repeat is not True and repeat is not False:
             raise TypeError(f"add_task: repeat must be True or False, not {repeat!r}")
         if priority is not False and not isinstance(priority, int):
@@ -237,7 +319,7 @@ class Producer:
         if not repeat and task_name is not None and self.cache.hit(task_name):
             # dropped before its arguments are looked at: nothing is stored, and the first
             # add of every name (never a cache hit) checks them
-            self.deduplicated += 1
+            self.stats.add("tasks/deduplicated")
             return None
         payload = encode_task(generator_name, task_name, args)
         if len(payload) > self.max_task_size:
@@ -257,6 +339,8 @@ class Producer:
         priority: bool | int,
         delay: float | None,
     ) -> None:
+        if self.canonical and type(task_name) is str:
+            task_name = canonical_name(task_name)
         if (
             repeat is False
             and type(task_name) is str
@@ -267,7 +351,8 @@ class Producer:
             and generator_name in self.handlers.names
             and self.cache.hit(task_name)
         ):  # the crawler's common case, a link this process marked done: what new_task does, in short
-            self.deduplicated += 1
+            counts = self.stats.counts
+            counts["tasks/deduplicated"] = counts.get("tasks/deduplicated", 0) + 1
             return
         task = self.new_task(generator_name, args, task_name, repeat, priority, delay)
         if task is not None:
@@ -315,8 +400,10 @@ class Producer:
         finally:
             await store.close()
 
-    def mark(self, names: Sequence[Any], done: bool, caller: str) -> None:
-        """``task_done`` (``done``) or ``uncache_task`` of ``names``."""
+    def mark(self, names: Sequence[Any], done: bool, caller: str, ttl: float | None = None) -> None:
+        """``task_done`` (``done``, for ``ttl`` seconds or the loop's ``done_ttl``) or ``uncache_task`` of ``names``."""
+        if done and (ttl is not None or self.done_ttl is not None):
+            ttl = self._ttl(ttl, caller)
         marks: list[tuple[bytes, str]] = []
         for name in names:
             if type(name) is not str:
@@ -327,10 +414,27 @@ class Producer:
                 name.encode("utf-8")
             except UnicodeEncodeError as exc:
                 raise EncodeError(f"{caller}: task name {name!r} cannot be stored: {exc.reason}") from None
+            if self.canonical:
+                name = canonical_name(name)
             marks.append((name_key(name), name))
         if not done:
             self.cache.removing(n for _, n in marks)
-        self.route(marks=marks, done=done)
+        self.route(marks=marks, done=done, ttl=ttl)
+
+    def _ttl(self, ttl: Any, caller: str) -> float | None:
+        """The ttl of a ``task_done``: checked, else the loop's ``done_ttl`` (None: for ever)."""
+        if ttl is None:
+            ttl = self.done_ttl
+            if ttl is None:
+                return None
+        elif isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= 1e9:
+            raise ValueError(f"{caller}: ttl must be a number of seconds, more than 0 and at most 1e9, not {ttl!r}")
+        if self.store.expiring is None:
+            raise ConfigError(
+                f"{caller}: the {self.store.settings.done.backend!r} done set cannot expire names "
+                "(it does not implement ExpiringDoneSet): call it without ttl, or use a done set that can"
+            )
+        return float(ttl)
 
     # -- routing ---------------------------------------------------------------------
 
@@ -340,14 +444,22 @@ class Producer:
             return attempt.outbox
         return None
 
-    def route(self, tasks: Sequence[NewTask] = (), marks: Sequence[tuple[bytes, str]] = (), done: bool = True) -> None:
+    def route(
+        self,
+        tasks: Sequence[NewTask] = (),
+        marks: Sequence[tuple[bytes, str]] = (),
+        done: bool = True,
+        ttl: float | None = None,
+    ) -> None:
         """Put writes in the current attempt's outbox, the loop's outbox, or write them now."""
         outbox = self._attempt_outbox()
         if outbox is not None:
             if tasks:
-                self.deduplicated += outbox.add(tasks)
+                dropped = outbox.add(tasks)
+                if dropped:
+                    self.stats.add("tasks/deduplicated", dropped)
             for key, name in marks:
-                outbox.mark(key, name, done)
+                outbox.mark(key, name, done, ttl)
             return
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -358,7 +470,7 @@ class Producer:
             once = Outbox()
             once.add(tasks)
             for key, name in marks:
-                once.mark(key, name, done)
+                once.mark(key, name, done, ttl)
             try:
                 self.blocking.write(once)
             except BaseException:
@@ -369,14 +481,13 @@ class Producer:
         # in an event loop: buffered; one that is not serving must ``await flush()``
         outbox = self.outbox
         dropped = outbox.add(tasks) if tasks else 0
-        self.deduplicated += dropped
+        if dropped:
+            self.stats.add("tasks/deduplicated", dropped)
         for key, name in marks:
-            outbox.mark(key, name, done)
+            outbox.mark(key, name, done, ttl)
         serving = self.serving
-        if serving is not None and running is serving.aloop:
-            serving.added(len(tasks) - dropped)
-            if len(outbox) >= BULK_CHUNK:
-                serving.kick()
+        if serving is not None and running is serving.aloop and len(outbox) >= BULK_CHUNK:
+            serving.kick()
 
     # -- flushing --------------------------------------------------------------------
 
@@ -399,7 +510,7 @@ class Producer:
             outbox = self.outbox.take()
             self.writing += 1  # in flight: not idle (another worker may be waiting for these tasks)
             try:
-                await self.store.write(outbox)
+                pushed = await self.store.write(outbox)
             except BaseException:
                 # put it back in front so nothing is lost and order is kept
                 outbox.put_back(self.outbox)
@@ -408,6 +519,9 @@ class Producer:
             finally:
                 self.writing -= 1
         self.cache.written([outbox])
+        serving = self.serving
+        if serving is not None:
+            serving.written(len(outbox.tasks), pushed)
 
     def take_unwritten(self) -> Outbox:
         """Everything still buffered (to spill it at exit); the cache stops waiting for its removals."""

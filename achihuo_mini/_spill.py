@@ -8,7 +8,8 @@ The next start of a loop with the same ``NAME`` — on any backend — replays t
 before it does anything else, then deletes it.
 
 The file is a sequence of msgpack records ``[1, tasks, marks]``: ``tasks`` as
-``[payload, key or b"", unique, head, delay]``, ``marks`` as ``[key, name, done]``.
+``[payload, key or b"", unique, head, delay]``, ``marks`` as ``[key, name, done]``, or
+``[key, name, True, ttl]`` for a name done for ``ttl`` seconds (from when it is written).
 Nothing in it is trusted at replay: a record that does not have that shape is skipped
 with a warning, and the file is kept beside as ``….bad`` for a person to look at.
 """
@@ -50,7 +51,10 @@ def spill(name: str, outbox: Outbox) -> Path:
         [
             _VERSION,
             [[t.payload, t.key or b"", t.unique, t.head, t.delay] for t in outbox.tasks],
-            [[key, name_, done] for key, (done, name_, _) in outbox.marks.items()],
+            [
+                [key, name_, done, outbox.ttls[key]] if key in outbox.ttls else [key, name_, done]
+                for key, (done, name_, _) in outbox.marks.items()
+            ],
         ],
         use_bin_type=True,
     )
@@ -94,10 +98,16 @@ def _outbox(record: Any) -> Outbox:
             raise ValueError("bad task flags")
         new.append(NewTask(payload, key or None, unique, head, float(delay)))
     outbox.tasks = new
-    for key, name, done in marks:
+    for mark in marks:
+        key, name, done, *rest = mark
         if type(key) is not bytes or len(key) != 16 or type(name) is not str or type(done) is not bool:
             raise ValueError("bad done-set change")
-        outbox.mark(key, name or key.hex(), done)
+        ttl: float | None = None
+        if rest:
+            if len(rest) > 1 or type(rest[0]) not in (int, float) or not 0 < rest[0] <= 1e9 or not done:
+                raise ValueError("bad done-set ttl")
+            ttl = float(rest[0])
+        outbox.mark(key, name or key.hex(), done, ttl)
     return outbox
 
 

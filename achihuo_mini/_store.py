@@ -23,8 +23,11 @@ from ._outbox import Attempt, Outbox
 from .backend import (
     SCOPE_ORDER,
     Commit,
+    CounterStore,
     DeadLetter,
     DoneSetBackend,
+    ExpiringDoneSet,
+    HostSlots,
     Lease,
     NewTask,
     Notifier,
@@ -32,6 +35,7 @@ from .backend import (
     QueueStats,
     WorkerRegistry,
 )
+from .backend_kit import counter_ok
 from .config import Settings
 from .errors import BackendError, BackendUnavailable, ConfigError, PluginError
 from .masking import mask_secrets
@@ -206,6 +210,21 @@ class Store:
             cast(WorkerRegistry, self.queue) if isinstance(raw_queue, WorkerRegistry) else None
         )
         self.notifier: Notifier | None = cast(Notifier, self.queue) if isinstance(raw_queue, Notifier) else None
+        self.counters: CounterStore | None = (
+            cast(CounterStore, self.queue) if isinstance(raw_queue, CounterStore) else None
+        )
+        self.host_slots: HostSlots | None = (
+            cast(HostSlots, self.queue) if isinstance(raw_queue, HostSlots) else None
+        )
+        self.expiring: ExpiringDoneSet | None = (
+            cast(ExpiringDoneSet, self.done) if isinstance(raw_done, ExpiringDoneSet) else None
+        )
+        if settings.loop.get("done_ttl") is not None and self.expiring is None:
+            raise ConfigError(
+                f"done_ttl is set ({settings.sources.get('done_ttl', 'option')}) but the {settings.done.backend!r} "
+                "done set cannot expire names (it does not implement ExpiringDoneSet); unset done_ttl or use "
+                "a done set that can (memory, sqlite, redis)"
+            )
         q_scope, d_scope = raw_queue.scope, raw_done.scope
         if SCOPE_ORDER[q_scope] > SCOPE_ORDER[d_scope] and not settings.loop["allow_local"]:
             raise ConfigError(
@@ -275,6 +294,36 @@ class Store:
                 f"{self.queue.location} reports durability {durability or 'of its process only'!r}"
             )
 
+    async def has_data(self) -> bool | None:
+        """Does the loop have anything on either side (tasks, dead letters, done names,
+        workers)? Asked without opening, so nothing is created; None when a backend
+        cannot tell (its plugin offers no ``has_data``)."""
+        answers: list[bool] = []
+        seen: list[tuple[str, dict[str, Any]]] = []
+        for side in (self.settings.queue, self.settings.done):
+            if (side.backend, side.options) in seen:
+                continue
+            seen.append((side.backend, side.options))
+            spec = side.spec()
+            if spec.has_data is None:
+                return None
+            try:
+                answer = await spec.has_data(self.name, dict(side.options))
+            except _PASS_THROUGH:
+                raise
+            except Exception as exc:
+                raise _fault(f"the {spec.plugin or spec.name!r} plugin's", "has_data", exc) from exc
+            if type(answer) is not bool:
+                raise BackendError(f"the {spec.name!r} plugin's has_data() answered {_short(answer)}, not a bool")
+            answers.append(answer)
+        return any(answers)
+
+    def where(self) -> str:
+        """Where the loop's data lives, for messages: the queue's location, and the done set's when apart."""
+        queue, done = mask_secrets(str(self.queue.location)), mask_secrets(str(self.done.location))
+        q, d = self.settings.queue.backend, self.settings.done.backend
+        return f"{queue} ({q})" if (q, queue) == (d, done) else f"{queue} ({q}), done set at {done} ({d})"
+
     async def open(self) -> None:
         if self.opened:
             return
@@ -321,30 +370,55 @@ class Store:
                 await self.done.remove(removed)
             if added:
                 await self.done.add(added)
+            if outbox.ttls:
+                await self._expiring().add_expiring(outbox.expiring())
 
-    async def write(self, outbox: Outbox) -> None:
-        """Done-set changes first, then the pushes (a duplicate at worst, never a loss)."""
+    def _expiring(self) -> ExpiringDoneSet:
+        if self.expiring is None:  # the producer refuses a ttl first; this is the last line of defence
+            raise ConfigError(f"the {self.settings.done.backend!r} done set cannot expire names (task_done ttl)")
+        return self.expiring
+
+    async def write(self, outbox: Outbox) -> int:
+        """Done-set changes first, then the pushes (a duplicate at worst, never a loss).
+
+        Returns how many of the outbox's tasks were enqueued (the others were skipped as
+        done or pending)."""
         await self._write_done(outbox)
         tasks: Sequence[NewTask] = outbox.tasks
         if tasks and not self.shared:
             tasks = await self._unique_filter(tasks)
-        if tasks:
-            await self.queue.push(tasks)
+        if not tasks:
+            return 0
+        pushed = await self.queue.push(tasks)
+        return pushed if type(pushed) is int and 0 <= pushed <= len(tasks) else len(tasks)
 
-    async def commit(self, attempts: Sequence[Attempt]) -> int:
-        """Ack finished attempts with their done names and children; return how many were applied."""
+    async def commit(self, attempts: Sequence[Attempt]) -> tuple[int, int]:
+        """Ack finished attempts with their done names and children.
+
+        Returns how many were applied, and how many of their children were enqueued
+        (the others were skipped as done or pending, or belonged to a fenced commit;
+        a queue without a ``children_pushed`` counter counts them all as enqueued)."""
         if self.shared:
-            commits = [Commit(a.lease, *a.outbox.split_done(), a.outbox.tasks) for a in attempts]
+            # (ttls come only from a producer that checked that this done set can expire names)
+            commits = [
+                Commit(a.lease, *a.outbox.split_done(), a.outbox.tasks, a.outbox.expiring() if a.outbox.ttls else ())
+                for a in attempts
+            ]
         else:
             merged = Outbox()
             for a in attempts:
-                merged.marks.update(a.outbox.marks)
+                merged.add_marks(a.outbox)
             await self._write_done(merged)  # done names first: a duplicate, never a loss
             everything = [t for a in attempts for t in a.outbox.tasks]
             kept = {id(t) for t in await self._unique_filter(everything)} if everything else set()
             commits = [Commit(a.lease, children=[t for t in a.outbox.tasks if id(t) in kept]) for a in attempts]
-        applied = await self.queue.commit(commits)
-        return _count(applied, len(commits), "commit")
+        before = getattr(self.raw_queue, "children_pushed", None)
+        applied = _count(await self.queue.commit(commits), len(commits), "commit")
+        after = getattr(self.raw_queue, "children_pushed", None)
+        offered = sum(len(c.children) for c in commits)
+        if type(before) is int and type(after) is int and 0 <= after - before <= offered:
+            return applied, after - before
+        return applied, offered
 
     # -- leases ------------------------------------------------------------------------
 
@@ -389,7 +463,18 @@ class Store:
         n = await self.queue.requeue_dead(limit)
         return n if type(n) is int else 0
 
+    async def counts(self) -> dict[str, int] | None:
+        """The loop's counters summed over every worker (None: the queue keeps none); bad entries dropped."""
+        if self.counters is None:
+            return None
+        found = await self.counters.counts()
+        if not isinstance(found, dict):
+            raise BackendError(f"counts() answered {_short(found)}, not a dict")
+        return {k: v for k, v in found.items() if counter_ok(k, v)}
+
     async def clear(self, what: str) -> None:
+        if what in ("stats", "all") and self.counters is not None:
+            await self.counters.clear_counts()
         if what in ("queue", "all"):
             await self.queue.clear("queue")
         if what in ("dead", "all"):

@@ -32,15 +32,29 @@ import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from ._outbox import CURRENT, Attempt, settle
+from ._hosts import LoopHosts, loop_hosts
+from ._metrics import MetricsServer, render
+from ._outbox import CURRENT, Attempt, Outbox, settle
 from ._presence import NullPresence, Presence
 from ._producer import HandlerTable, Producer
-from ._report import ERROR_MAX, Report, RunSummary, error_text
+from ._report import ERROR_MAX, Report, RunSummary, error_text, printable
 from ._spill import keep, replay
+from ._stats import Stats
 from ._store import Backoff, Store, wait_event
 from .backend import Lease
 from .codec import decode_task
-from .errors import BackendError, BackendUnavailable, ConfigError, DecodeError, Retry
+from .errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    DecodeError,
+    EncodeError,
+    HandlerError,
+    Reject,
+    Retry,
+    RobotsDisallowed,
+    TaskTooLarge,
+)
 from .masking import mask_secrets
 
 __all__ = ["Worker"]
@@ -54,6 +68,11 @@ FINAL_WRITES = 10.0  # seconds a stop keeps trying to write what is left
 UNREGISTER_WAIT = 5.0  # seconds unregistering, and closing the backends, may take at exit
 
 
+_FINAL = (Reject, HandlerError, EncodeError, TaskTooLarge)
+"""Failures no retry can mend: the task becomes a dead letter at once (``Reject`` raised by a
+handler or by ``async_web_request``; an add the handler made that can never be stored)."""
+
+
 class Worker:
     """One ``serve()`` of a loop (see the module docstring)."""
 
@@ -65,6 +84,7 @@ class Worker:
         handlers: HandlerTable,
         options: Mapping[str, Any],
         seed: Callable[[], Awaitable[None]],
+        stats: Stats,
     ) -> None:
         self.name = name
         self.store = store
@@ -74,7 +94,8 @@ class Worker:
         self.concurrency: int = options["concurrency"]
         self._seed_fn = seed
         self.aloop = asyncio.get_running_loop()
-        self.report = Report(name)
+        self.stats = stats
+        self.report = Report(name, stats)
         self.stop_event = asyncio.Event()
         self.wake = asyncio.Event()
         self.flush_wanted = asyncio.Event()
@@ -97,7 +118,10 @@ class Worker:
         self.releases: list[Lease] = []
         self.held: list[Lease] = []  # tasks for a handler only a peer has, to release with a delay
         self.holding = 0  # ... counted against concurrency until they were ready again for a while
-        self._dedup_base = producer.deduplicated
+        self.end: tuple[Any, int] | None = None  # what the loop holds at the end, for the summary
+        self.metrics: MetricsServer | None = None
+        self._ok_keys: dict[str, str] = {}  # handler -> its "handler/<name>/ok" counter
+        self.hosts: LoopHosts | None = None  # per-host limits for the whole loop, when the queue can
 
     # -- the whole serve ---------------------------------------------------------------
 
@@ -111,11 +135,18 @@ class Worker:
         try:
             await self.store.open()
             self.report.log_start(self.role, self.concurrency, self.store)
+            self.hosts = loop_hosts(self.name, self.store, self.options, lambda: self.presence.worker)
             self.store.check_durability(self.options["require_durable"])
+            if self.options["metrics"]:
+                self.metrics = MetricsServer(self.options["metrics"], self._metrics_page)
+                await self.metrics.start()
             await replay(self.name, self.store)
             await self.producer.flush()  # what was added before serve() started
+            self.report.log_holdings(await self.report.look(self.store))
             self.seeding = not slave and seed
             self.report.summary.alias = await self.presence.start(self.role, self.info())
+            self.stats.add("runs/started")
+            self.stats.stamp()
             if self.seeding:
                 seeder = asyncio.create_task(self._seed(), name=f"{self.name}-seed")
             background = [
@@ -123,6 +154,8 @@ class Worker:
                 self._spawn(self.presence.run(self, self.beat_now, lambda: self.closing, self.backoff), "heartbeat"),
                 self._spawn(self._watchdog(), "watchdog"),
             ]
+            if self.store.counters is not None and self.options["stats"]:
+                background.append(self._spawn(self._publisher(), "stats publisher"))
             if self.options["progress_interval"]:
                 progress = self.report.progress(
                     self.store, self.options["progress_interval"], lambda: len(self.running), self.closed
@@ -140,8 +173,7 @@ class Worker:
             for sig in installed:
                 self.aloop.remove_signal_handler(sig)
             self.producer.serving = None
-            self.report.summary.deduplicated = self.producer.deduplicated - self._dedup_base
-            self.report.log_summary()
+            self.report.log_summary(self.end)
         return self.report.summary
 
     def _install_signals(self) -> list[int]:
@@ -363,7 +395,12 @@ class Worker:
         CURRENT.set(attempt)
         try:
             try:
-                await handler(*decoded.args)
+                try:
+                    call = handler(*decoded.args)
+                except TypeError as exc:  # the arguments do not fit its signature: no retry can mend that
+                    self._fail(attempt, exc, f"the arguments do not fit handler {decoded.handler!r}")
+                    return
+                await call
             finally:
                 attempt.closed = True
         except asyncio.CancelledError:
@@ -409,30 +446,39 @@ class Worker:
         # something that was cancelled) -- a failure like any other, or it would cycle for ever
         self._fail(attempt, asyncio.CancelledError("the handler raised CancelledError (no stop, no task_timeout)"))
 
-    def _fail(self, attempt: Attempt, exc: BaseException) -> None:
+    def _fail(self, attempt: Attempt, exc: BaseException, final: str | None = None) -> None:
+        """Retry the task with backoff, or bury it: after its last retry, or at once when no
+        retry can mend the failure (``final`` says why, or ``exc`` is one of :data:`_FINAL`)."""
         self.producer.cache.written([attempt.outbox], learn=False)
         lease = attempt.lease
-        name = mask_secrets(str(attempt.name)) if attempt.name is not None else None
-        summary = self.report.summary
-        summary.failed += 1
+        name = printable(f"{attempt.handler}({mask_secrets(attempt.name) if attempt.name is not None else None!r})")
+        if isinstance(exc, RobotsDisallowed):  # acked with nothing written: never retried, never a dead letter
+            log.debug("%s: task %s: %s", self.name, name, exc)
+            self.report.task("disallowed", attempt.handler)
+            attempt.outbox, attempt.disallowed = Outbox(), True
+            self.commits.append(attempt)
+            self.kick()
+            return
+        self.report.task("failed", attempt.handler)
         failures = lease.failures if type(lease.failures) is int and lease.failures >= 0 else 0
-        if failures >= self.handlers.retries(attempt.handler, self.options["max_retries"]):
-            error = error_text(exc, with_traceback=not isinstance(exc, Retry))
-            log.error(
-                "%s: task %r failed %d times, now a dead letter: %s",
+        hopeless = final is not None or isinstance(exc, _FINAL)
+        if hopeless or failures >= self.handlers.retries(attempt.handler, self.options["max_retries"]):
+            shown = not isinstance(exc, (Retry, Reject))  # raised on purpose: the reason says it all
+            error = error_text(exc, shown, final or "")
+            log.error(  # the one place a handler's traceback is logged: once per task, not per retry
+                "%s: task %s is now a dead letter (%s): %s%s",
                 self.name,
                 name,
-                failures + 1,
+                "no retry can mend it" if hopeless else f"failed {failures + 1} times",
                 error.split("\n")[0],
+                "\n" + mask_secrets("".join(traceback.format_exception(exc))).rstrip() if shown else "",
             )
-            self._bury(lease, error)
+            self._bury(lease, error, attempt.handler)
             return
         delay = self._retry_delay(failures, exc)
-        log.warning("%s: task %r failed (retry in %.1f s): %s", self.name, name, delay, error_text(exc, False))
-        if self.options["debug"] and not isinstance(exc, Retry):
-            log.debug("%s", mask_secrets("".join(traceback.format_exception(exc))))
+        log.warning("%s: task %s failed (retry in %.1f s): %s", self.name, name, delay, error_text(exc, False))
         self.retries.append((lease, delay))
-        summary.retried += 1
+        self.report.task("retried")
         self.kick()
 
     def _retry_delay(self, failures: int, exc: BaseException) -> float:
@@ -446,17 +492,17 @@ class Worker:
         base = self.options["retry_delay"] * 2 ** min(failures, 64)
         return float(min(self.options["retry_max_delay"], base) * random.uniform(0.5, 1.0))
 
-    def _bury(self, lease: Lease, reason: str) -> None:
+    def _bury(self, lease: Lease, reason: str, handler: str = "") -> None:
         self.burials.append((lease, mask_secrets(reason)[:ERROR_MAX]))
-        self.report.summary.buried += 1
+        self.report.task("dead", handler)
         self.kick()
 
     def kick(self) -> None:
         if not self.flush_wanted.is_set():
             self.flush_wanted.set()
 
-    def added(self, n: int) -> None:
-        self.report.summary.added += n
+    def written(self, offered: int, pushed: int) -> None:
+        self.report.written(offered, pushed, outside=True)
 
     async def _watchdog(self) -> None:
         """Cancel handlers running past ``task_timeout`` (one timer for all, not one per task)."""
@@ -490,21 +536,31 @@ class Worker:
 
     async def _write_batch(self) -> None:
         """One round of writes. What fails is put back, so a later round retries it."""
-        store, summary = self.store, self.report.summary
+        store, report = self.store, self.report
         if self.commits:
             attempts, self.commits = self.commits, []
             settle(self.producer.outbox, [a.outbox for a in attempts])  # written after them: later calls win
             try:
-                applied = await store.commit(attempts)
+                applied, pushed = await store.commit(attempts)
             except BaseException:
                 self.commits[:0] = attempts
                 raise
             self.known.difference_update(a.lease.task_id for a in attempts)
             self.producer.cache.written([a.outbox for a in attempts], learn=applied == len(attempts))
-            summary.succeeded += applied
-            summary.added += sum(len(a.outbox.tasks) for a in attempts)
+            disallowed = sum(a.disallowed for a in attempts)
+            report.task("ok", n=max(applied - disallowed, 0))
+            if applied == len(attempts):
+                keys, counts = self._ok_keys, self.stats.counts
+                for a in attempts:
+                    if a.disallowed:
+                        continue
+                    key = keys.get(a.handler)
+                    if key is None:
+                        key = keys[a.handler] = self.stats.bounded_key("handler", f"{a.handler}/ok")
+                    counts[key] = counts.get(key, 0) + 1
+            report.written(sum(len(a.outbox.tasks) for a in attempts), pushed, outside=False)
             if applied < len(attempts):
-                summary.fenced += len(attempts) - applied
+                report.task("fenced", n=len(attempts) - applied)
                 log.warning("%s: %d commits were fenced (their lease was lost)", self.name, len(attempts) - applied)
         if self.retries:
             items, self.retries = self.retries, []
@@ -514,7 +570,7 @@ class Worker:
             await self._lease_write(store.bury(buried), buried, lambda: self.burials)
         if self.releases:
             released, self.releases = self.releases, []
-            summary.released += await self._lease_write(store.release(released), released, lambda: self.releases)
+            report.task("released", n=await self._lease_write(store.release(released), released, lambda: self.releases))
         if self.held:
             held, self.held = self.held, []
             await self._lease_write(store.release(held, HOLD_BACK_DELAY), held, lambda: self.held)
@@ -536,6 +592,43 @@ class Worker:
             raise
         self.known.difference_update((item if isinstance(item, Lease) else item[0]).task_id for item in items)
         return n
+
+    # -- statistics --------------------------------------------------------------------
+
+    async def _publisher(self) -> None:
+        """Add what this worker counted to the loop's totals, every heartbeat interval."""
+        while not await wait_event(self.closed, self.options["heartbeat_interval"]):
+            await self._publish()
+
+    async def _publish(self) -> None:
+        """One ``add_counts`` of what changed. An outage keeps it for the next time; a backend
+        that refuses it costs the statistics only (a warning), never the loop."""
+        counters = self.store.counters
+        if counters is None or not self.options["stats"]:
+            return
+        self.stats.stamp()
+        delta = self.stats.delta()
+        if not delta:
+            return
+        try:
+            await counters.add_counts(delta)
+        except BackendUnavailable:
+            return  # kept: the next call sends it
+        except BackendError as exc:
+            log.warning("%s: the backend refused this worker's statistics (%d counters dropped): %s",
+                        self.name, len(delta), exc)  # fmt: skip
+        self.stats.sent(delta)
+
+    async def _metrics_page(self) -> bytes:
+        """``/metrics`` of this worker: its counters, the queue's counts, its running handlers."""
+        gauges: dict[str, Any] = {"running": len(self.running)}
+        try:
+            async with asyncio.timeout(2.0):
+                gauges["queue"] = await self.store.stats()
+                gauges["done"] = await self.store.done_count()
+        except (BackendError, TimeoutError):
+            pass  # the counters still show; the queue's gauges come back with the backend
+        return render(self.name, self.presence.alias or "-", self.stats.view(), gauges)
 
     # -- shutdown ----------------------------------------------------------------------
 
@@ -572,6 +665,13 @@ class Worker:
         try:
             if self.store.opened:
                 await self._final_writes()
+                self.end = await self.report.look(self.store) if self.report.summary.exit_code == 0 else None
+                self.stats.add_bounded("runs/finished", self.report.summary.reason or "stopped")
+                try:
+                    async with asyncio.timeout(UNREGISTER_WAIT):
+                        await self._publish()
+                except TimeoutError:
+                    log.warning("%s: the last statistics of this worker were not published (no answer)", self.name)
                 try:
                     async with asyncio.timeout(UNREGISTER_WAIT):
                         await self.presence.stop()
@@ -585,6 +685,14 @@ class Worker:
             for task in self.running:
                 log.error("%s: handler %s did not stop; its lease comes back after the lease timeout", self.name, task)
             self.running.clear()
+            if self.metrics is not None:
+                await self.metrics.close()
+            if self.hosts is not None:
+                try:  # give back per-host slots now (else they expire after the lease timeout)
+                    async with asyncio.timeout(UNREGISTER_WAIT):
+                        await self.hosts.close()
+                except TimeoutError:
+                    log.warning("%s: giving back per-host slots took too long (they expire by themselves)", self.name)
             try:
                 async with asyncio.timeout(UNREGISTER_WAIT):
                     await self.store.close()

@@ -34,12 +34,15 @@ attributes (``self._queue``, ``self._session`` …) never collide with the frame
 from __future__ import annotations
 
 import asyncio
+import gc
+import inspect
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._producer import HandlerTable, Producer, Task
 from ._report import RunSummary
+from ._stats import NoStats, Stats
 from ._store import Store
 from ._worker import Worker
 from .config import DEFAULT_CACHE_BACKEND, LOOP_OPTIONS, Settings, load_settings
@@ -56,10 +59,11 @@ __all__ = ["DEFAULT_CACHE_BACKEND", "AsyncLoop", "RunSummary", "Task"]
 class _Core:
     """Everything an ``AsyncLoop`` instance holds besides its public attributes."""
 
-    __slots__ = ("handlers", "http", "init", "last_alias", "producer", "store", "worker")
+    __slots__ = ("handlers", "http", "init", "last_alias", "producer", "stats", "store", "worker")
 
     def __init__(self, handlers: HandlerTable, init: dict[str, Any]) -> None:
         self.handlers = handlers
+        self.stats = Stats()
         self.init = init
         self.store: Store | None = None
         self.producer: Producer | None = None
@@ -92,8 +96,9 @@ class AsyncLoop:
         ``retry_max_delay`` (300 s), ``idle_exit`` (None), ``flush_interval`` (0.1 s),
         ``progress_interval`` (60 s), ``allow_local``, ``require_durable``,
         ``max_task_size`` (1 MiB), ``log_level``, ``user_agent``, ``request_timeout``,
-        ``max_body_size``, ``per_host_limit``, ``per_host_delay``, ``dedup_cache``,
-        ``dedup_cache_ttl``.
+        ``max_body_size``, ``per_host_limit``, ``per_host_delay``, ``per_host_scope``
+        (``'loop'``), ``obey_robots`` (False), ``canonical_names`` (False), ``done_ttl``
+        (None), ``dedup_cache``, ``dedup_cache_ttl``.
 
     Class attributes: ``NAME`` (required, the loop's namespace), ``HANDLER_ALIASES``
     (``{'old_name': 'new_name'}`` for renamed handlers), ``HANDLER_MAX_RETRIES``
@@ -128,6 +133,12 @@ class AsyncLoop:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{type(self).__name__}.NAME must be a non-empty string (the loop's namespace)")
         self.name: str = name
+        run = getattr(type(self), "run", None)
+        if not inspect.iscoroutinefunction(run):
+            raise ConfigError(
+                f"{type(self).__name__}.run must be a coroutine function: write `async def run(self):` "
+                f"(it is {'a plain function' if inspect.isfunction(run) else type(run).__name__})"
+            )
         handlers = HandlerTable(self, _FRAMEWORK)
         for old, new in handlers.aliases.items():
             if new not in handlers.names:
@@ -166,15 +177,38 @@ class AsyncLoop:
         self.concurrency = settings.loop["concurrency"]
         self.debug = settings.loop["debug"]
         if core.producer is None:
-            core.producer = Producer(core.handlers, store, self._new_store, settings.loop)
+            core.producer = Producer(core.handlers, store, self._new_store, settings.loop, core.stats)
         else:
             core.producer.reconfigure(store, settings.loop)
         core.store = store
         if core.http is not None and not core.http.session_open:
             core.http = None  # built again from the new settings on the next request
 
+    def __getattr__(self, name: str) -> Any:
+        # only called for attributes that do not exist: a spider whose __init__ never ran ours
+        if name in _SET_BY_INIT and "_AsyncLoop__core" not in self.__dict__:
+            raise ConfigError(
+                f"{type(self).__name__}.__init__ did not call super().__init__(): add "
+                "`super().__init__(concurrency=..., cache_backend=...)` to it"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}", name=name, obj=self)
+
     def _new_store(self) -> Store:
         return Store(self.name, self.settings)
+
+    @property
+    def stats(self) -> Stats:
+        """This loop's counters in this process: ``self.stats.inc('items')`` counts the spider's own.
+
+        Published with each heartbeat, they add up over every worker of the loop in
+        ``status``, ``status --json``, the metrics and the final stats table. (A spider
+        that assigns ``self.stats`` itself keeps its own attribute.)"""
+        own = self.__dict__.get("_AsyncLoop__own_stats")
+        return own if own is not None else self.__core.stats
+
+    @stats.setter
+    def stats(self, value: Any) -> None:
+        self.__dict__["_AsyncLoop__own_stats"] = value
 
     @property
     def alias(self) -> str | None:
@@ -225,9 +259,17 @@ class AsyncLoop:
         """
         await self.__core.producer.add_many(tasks)  # type: ignore[union-attr]
 
-    def task_done(self, task_name: str) -> None:
-        """Put ``task_name`` in the done set (any name, not only the running task's)."""
-        self.__core.producer.mark([task_name], True, "task_done")  # type: ignore[union-attr]
+    def task_done(self, task_name: str, ttl: float | None = None) -> None:
+        """Put ``task_name`` in the done set (any name, not only the running task's).
+
+        With ``ttl`` (seconds; default: the ``done_ttl`` option, None = for ever) the name
+        blocks ``repeat=False`` adds only until it is older than that, in the backend's
+        clock: a later run of the master that seeds it again crawls it again (re-crawls).
+        A later ``task_done`` of the name replaces its ttl (without one: done for ever,
+        unless ``done_ttl`` is set). Raises ``ValueError`` for a ttl that is not a number
+        of seconds above 0, ``ConfigError`` when the done set cannot expire names.
+        """
+        self.__core.producer.mark([task_name], True, "task_done", ttl)  # type: ignore[union-attr]
 
     def uncache_task(self, *task_names: str) -> None:
         """Remove names from the done set, so ``repeat=False`` tasks of those names can be added again."""
@@ -247,12 +289,12 @@ class AsyncLoop:
         self.__core.producer.blocking.close()  # type: ignore[union-attr]
 
     async def clear_data(self, what: str = "all") -> None:
-        """Delete this loop's data: ``queue`` (ready, delayed, leased), ``dead``, ``done`` or ``all``.
+        """Delete this loop's data: ``queue`` (ready, delayed, leased), ``dead``, ``done``, ``stats`` or ``all``.
 
         The command line's ``clear``, for scripts. It does not check for running workers.
         """
-        if what not in ("queue", "dead", "done", "all"):
-            raise ValueError(f"clear_data: what must be queue, dead, done or all, not {what!r}")
+        if what not in ("queue", "dead", "done", "stats", "all"):
+            raise ValueError(f"clear_data: what must be queue, dead, done, stats or all, not {what!r}")
         core = self.__core
         assert core.store is not None and core.producer is not None
         core.producer.cache.clear()
@@ -300,11 +342,18 @@ class AsyncLoop:
         else:
             idle_exit = coerce_option(LOOP_OPTIONS["idle_exit"], idle_exit, "serve(idle_exit=...)", None)
         assert core.store is not None and core.producer is not None
-        worker = Worker(self.name, core.store, core.producer, core.handlers, self.settings.loop, self.run)
+        worker = Worker(
+            self.name, core.store, core.producer, core.handlers, self.settings.loop, self.run, core.stats
+        )
+        if core.http is not None:  # made before serving: its requests would miss the serve's per-host gate
+            early, core.http = core.http, None
+            await early.close()
         core.worker = worker
+        tuned = tune_gc(self.settings.loop["tune_gc"] is True)
         try:
             summary = await worker.run(slave=slave, seed=seed, idle_exit=idle_exit, handle_signals=handle_signals)
         finally:
+            tuned.restore()
             core.worker = None
             core.last_alias = worker.report.summary.alias
             http, core.http = core.http, None
@@ -319,8 +368,12 @@ class AsyncLoop:
             worker.stop()
 
     def run_until_idle(self, *, slave: bool = False, seed: bool = True, idle_exit: float = 0.0) -> RunSummary:
-        """Run in a fresh event loop until the queue is idle (tests, scripts, benchmarks)."""
-        return asyncio.run(self.serve(slave=slave, seed=seed, idle_exit=idle_exit, handle_signals=True))
+        """Run in a fresh event loop until the queue is idle (tests, scripts, benchmarks).
+
+        The event loop is uvloop's when it is installed, unless the ``uvloop`` option is False."""
+        self.close()  # what add_task opened while no event loop ran: written already, not needed now
+        with asyncio.Runner(loop_factory=event_loop_factory(self.settings.loop["uvloop"])) as runner:
+            return runner.run(self.serve(slave=slave, seed=seed, idle_exit=idle_exit, handle_signals=True))
 
     def start(self, argv: Sequence[str] | None = None) -> None:
         """The command line: ``start [-s]``, ``stop m1 …``, ``status``, ``clear``, ``dead`` (reads ``sys.argv``).
@@ -340,7 +393,8 @@ class AsyncLoop:
         ``item.max_retry`` tries in total; a ``check_html(text)`` method on the loop
         may reject a body (then it retries). Returns a
         :class:`~achihuo_mini.http.Response`; raises
-        :class:`~achihuo_mini.errors.RequestError` after the last try. ``session``,
+        :class:`~achihuo_mini.errors.RequestError` after the last try, and (``obey_robots``)
+        :class:`~achihuo_mini.errors.RobotsDisallowed` for a URL robots.txt disallows. ``session``,
         ``keep_alive`` and ``check_html`` keywords of seed-era code are accepted.
         """
         core = self.__core
@@ -352,12 +406,56 @@ class AsyncLoop:
             http = core.http = HttpClient(
                 self.name,
                 self.settings.loop,
+                stats=core.stats if self.settings.loop["stats"] else NoStats(),
                 pool_size=self.concurrency,
                 headers=type(self).HTTP_HEADERS or None,
                 check_html=self.check_html if overridden else None,
+                hosts=core.worker.hosts if core.worker is not None else None,
             )
         return await http.request(item, session=session, **legacy)
 
+
+def event_loop_factory(wanted: bool | None) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop factory when ``wanted`` (True: required), or by default when it is
+    installed; None means asyncio's own. ``ConfigError`` when required and not installed."""
+    if wanted is False:
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if wanted:
+            raise ConfigError('uvloop = true, but uvloop is not installed: pip install "achihuo_mini[fast]"') from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+GC_THRESHOLDS = (50_000, 20, 100)
+"""Collector thresholds while serving with ``tune_gc``: a crawl allocates many short-lived
+objects in cycles (tasks, futures, responses); collecting every 700 allocations cost ~12 %
+of a crawl's CPU, most of it finding nothing to free."""
+
+
+class _GcTuning:
+    def __init__(self, on: bool) -> None:
+        self.on = on
+        self.before = gc.get_threshold()
+        if on:
+            gc.freeze()  # what start-up built lives as long as the process: never scan it again
+            gc.set_threshold(*GC_THRESHOLDS)
+
+    def restore(self) -> None:
+        if self.on:
+            gc.set_threshold(*self.before)
+            gc.unfreeze()
+
+
+def tune_gc(on: bool) -> _GcTuning:
+    """Raise the collector's thresholds while a loop serves (``tune_gc``); ``restore()`` undoes it."""
+    return _GcTuning(on)
+
+
+_SET_BY_INIT = frozenset({"_AsyncLoop__core", "settings", "name", "concurrency", "debug"})
 
 _FRAMEWORK = frozenset(name for name in dir(AsyncLoop) if not name.startswith("_")) | {
     "name",

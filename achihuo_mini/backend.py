@@ -38,8 +38,11 @@ fencing makes repeating it safe, and leases taken by a lost ``reserve`` come bac
 through ``unregister``/``recover``.
 
 Optional abilities are separate protocols: :class:`WorkerRegistry` (heartbeats,
-aliases, remote commands, recovery of dead workers' leases) and
-:class:`Notifier` (wake idle workers instead of polling). A queue whose durability
+aliases, remote commands, recovery of dead workers' leases), :class:`Notifier`
+(wake idle workers instead of polling), :class:`CounterStore` (statistics summed
+over all workers) and :class:`HostSlots` (per-host politeness held for the whole
+loop) on a queue, and :class:`ExpiringDoneSet` (done names that age out, for
+re-crawls) on a done set. A queue whose durability
 depends on a server's settings may expose a ``durability`` attribute after
 ``open()``: ``"volatile"``, ``"everysec"``, ``"always"`` or ``"unknown"``; it is
 logged at start, shown by ``status`` and checked by ``require_durable``.
@@ -58,9 +61,15 @@ from hashlib import blake2b
 from typing import Any, Literal, Protocol, runtime_checkable
 
 __all__ = [
+    "COUNTS_LIMIT",
     "Commit",
+    "CounterStore",
     "DeadLetter",
     "DoneSetBackend",
+    "ExpiringDoneSet",
+    "HostAsk",
+    "HostGrant",
+    "HostSlots",
     "Lease",
     "NewTask",
     "Notifier",
@@ -129,16 +138,21 @@ class Lease:
 
 @dataclass(frozen=True, slots=True)
 class Commit:
-    """One finished attempt: ack ``lease``, then apply ``done``/``undone`` keys, then push ``children``.
+    """One finished attempt: ack ``lease``, then apply ``done``/``undone``/``expiring`` keys, then push ``children``.
 
-    ``done``/``undone`` are only given to a queue that shares the done set; the
-    loop writes them to a separate done set itself, before the commit.
+    ``done``/``undone``/``expiring`` are only given to a queue that shares the done
+    set; the loop writes them to a separate done set itself, before the commit.
+    ``expiring`` holds ``(key, ttl)`` pairs: keys done for ``ttl`` seconds (as
+    :meth:`ExpiringDoneSet.add_expiring` puts them); it is only given to a queue whose
+    shared done set declares :class:`ExpiringDoneSet`, and such a queue must apply it.
+    A key is in at most one of the three.
     """
 
     lease: Lease
     done: Sequence[bytes] = ()
     undone: Sequence[bytes] = ()
     children: Sequence[NewTask] = ()
+    expiring: Sequence[tuple[bytes, float]] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,8 +357,133 @@ class WorkerRegistry(Protocol):
 
 
 @runtime_checkable
+class CounterStore(Protocol):
+    """Optional queue ability: the loop's statistics, summed over every worker that ever ran.
+
+    Workers add what they counted since their last call (at each heartbeat and when they
+    stop), so the totals include workers that have exited or crashed (up to their last
+    heartbeat) until :meth:`clear_counts`. A call whose reply was lost may be repeated:
+    the totals are statistics, not guarantees.
+    """
+
+    async def add_counts(self, counts: Mapping[str, int]) -> None:
+        """Add each value to the loop's counter of that name, atomically for the call.
+
+        Names starting with ``max/`` keep the largest value ever given instead, ``min/``
+        the smallest. Values are 64-bit integers; names are short printable strings."""
+
+    async def counts(self) -> dict[str, int]:
+        """The loop's counters (at most :data:`COUNTS_LIMIT` of them; unreadable ones skipped)."""
+
+    async def clear_counts(self) -> None:
+        """Forget every counter of the loop."""
+
+
+COUNTS_LIMIT = 10_000
+"""The most counters :meth:`CounterStore.counts` returns (the loop itself keeps a few hundred)."""
+
+
+@runtime_checkable
 class Notifier(Protocol):
     """Optional queue ability: let an idle worker sleep until tasks may be ready."""
 
     async def wait_for_tasks(self, timeout: float) -> None:
         """Return when a push may have made tasks ready, or after ``timeout`` seconds."""
+
+
+@runtime_checkable
+class ExpiringDoneSet(Protocol):
+    """Optional done-set ability: names that stop counting as done once they are older than a ttl.
+
+    What the loop's ``task_done(name, ttl=...)`` and ``done_ttl`` need (re-crawls). A done
+    set without it keeps every name for ever, and the loop refuses a ttl with a clear error.
+
+    Guarantees, in the backend's clock (like lease times):
+
+    - a key added with :meth:`add_expiring` counts as done (``contains``, and the unique
+      check of a queue that shares this done set) until ``ttl`` seconds after the call
+      was applied, and not from then on; a backend may round the deadline up by at most
+      one second, never down;
+    - the last write of a key wins: :meth:`DoneSetBackend.add` makes it permanent again,
+      another ``add_expiring`` sets a new deadline, ``remove`` removes it;
+    - ``count()`` may still include keys whose ttl has passed until the backend drops them
+      (it may do so lazily, when they are next written, or in bounded sweeps);
+    - a queue that shares this done set applies :attr:`Commit.expiring` in its commit,
+      atomically with the ack, as it applies ``Commit.done``.
+    """
+
+    async def add_expiring(self, items: Sequence[tuple[bytes, float]]) -> int:
+        """Add ``(key, ttl)`` pairs (``ttl`` seconds, > 0); return how many keys were not done before
+        (absent, or their ttl had passed). A key repeated in the batch: the last pair wins."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostAsk:
+    """What a worker asks of one host in one :meth:`HostSlots.claim_hosts` call.
+
+    ``host`` is the host name as the loop keys it (lower case, at most 255 characters).
+    ``release``: slots this worker gives back first. ``slots``: slots wanted in addition
+    to those it holds, granted while the host's total (over unexpired holders) stays at
+    most ``limit`` (``per_host_limit``; 0 with ``slots == 0`` when there is none).
+    ``turns``: request starts wanted, ``delay`` seconds apart (``per_host_delay``, or a
+    larger ``Crawl-delay``).
+    """
+
+    host: str
+    slots: int = 0
+    limit: int = 0
+    release: int = 0
+    turns: int = 0
+    delay: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HostGrant:
+    """The answer for one :class:`HostAsk`.
+
+    ``slots``: granted now (0 .. ``ask.slots``); ``held``: slots this worker holds after the
+    call; ``workers``: workers of the loop holding slots of this host, or refused some
+    within the last ``wait`` seconds, this one included (the loop shares the limit among
+    them); ``start``: seconds from now until the first of the ``turns`` granted starts
+    (0 when none were asked), the others following every ``delay`` seconds.
+    """
+
+    slots: int = 0
+    held: int = 0
+    workers: int = 1
+    start: float = 0.0
+    turns: int = 0
+
+
+@runtime_checkable
+class HostSlots(Protocol):
+    """Optional queue ability: ``per_host_limit`` and ``per_host_delay`` held for the whole loop.
+
+    Without it, every process keeps the limits for itself (and the loop says so at start).
+    The loop takes slots and turns in batches (a worker keeps the slots it uses and asks
+    for many turns at once), so a call is rare compared with requests.
+
+    Guarantees (times in the backend's clock):
+
+    - :meth:`claim_hosts` is atomic for every process that shares the backend;
+    - slots: a call never grants a slot that would bring a host's total held by unexpired
+      holders above ``limit``; every call renews ``worker``'s holding of each host it
+      names for ``ttl`` seconds; a holding that is not renewed within its ``ttl`` counts
+      for nothing from then on (a crashed worker's slots come back by themselves);
+    - turns: after each granted start of a host, the host's next granted start (to any
+      worker) comes no sooner than the ``delay`` that start was granted with: a call's
+      first start is at the host's next free start or now, whichever is later, its others
+      follow every ``delay`` seconds, and the host's next free start moves ``delay`` past
+      its last one;
+    - per-host state that holds nothing (no unexpired holding or wait mark, no future
+      start) may be dropped; a backend keeps no host state for ever.
+    """
+
+    async def claim_hosts(self, worker: str, asks: Sequence[HostAsk], ttl: float, wait: float) -> list[HostGrant]:
+        """Apply each ask in order (release, then slots, then turns) and return one grant per ask.
+
+        A worker refused part of the slots it asked for counts among the host's
+        ``workers`` for ``wait`` seconds (it asks again sooner while it waits). A graceful
+        stop gives back what it holds with ``release`` asks (what a lost reply granted
+        expires after ``ttl``).
+        """

@@ -23,6 +23,11 @@ Untrusted records
     Anything read back from storage may have been written by someone else, a bug or a
     partial restore. :func:`worker_info` turns a stored info blob into a ``dict`` or
     ``None`` (skip that registry entry, with a warning), never an exception.
+
+Counters (the :class:`~achihuo_mini.backend.CounterStore` ability)
+    :func:`counter_ok` says whether a counter name and value may be stored or shown;
+    :func:`merge_counts` applies one ``add_counts`` call to a dict (sums, and ``max/``,
+    ``min/`` names), as the SQLite and Redis backends do in their own storage.
 """
 
 from __future__ import annotations
@@ -36,8 +41,11 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "COUNTER_NAME_MAX",
     "MAX_ALIAS_NUMBER",
     "alias_order",
+    "counter_ok",
+    "merge_counts",
     "alias_prefix",
     "default_data_dir",
     "lowest_free_alias",
@@ -153,3 +161,42 @@ def worker_info(raw: Any) -> dict[str, Any] | None:
     if type(raw) is not dict or not all(type(k) is str for k in raw):
         return None
     return raw
+
+
+COUNTER_NAME_MAX = 200
+"""Longest counter name a backend stores (characters)."""
+
+_INT64 = 2**63
+
+
+def counter_ok(name: Any, value: Any) -> bool:
+    """A counter that may be stored and shown: a non-empty str name of at most
+    :data:`COUNTER_NAME_MAX` characters and a 64-bit int value (never a bool)."""
+    return (
+        type(name) is str
+        and 0 < len(name) <= COUNTER_NAME_MAX
+        and type(value) is int
+        and -_INT64 <= value < _INT64
+    )
+
+
+def merge_counts(target: dict[str, int], counts: Any) -> None:
+    """Apply one ``add_counts(counts)`` to ``target``: add each value, except that ``max/``
+    and ``min/`` names keep the largest or smallest value. A bad entry raises ``ValueError``
+    before anything changes."""
+    items = list(counts.items()) if hasattr(counts, "items") else None
+    if items is None or not all(counter_ok(k, v) for k, v in items):
+        raise ValueError("add_counts: counters are short str names with 64-bit int values")
+    for name, value in items:
+        old = target.get(name)
+        if old is None:
+            target[name] = value
+        elif name.startswith("max/"):
+            target[name] = max(old, value)
+        elif name.startswith("min/"):
+            target[name] = min(old, value)
+        else:
+            total = old + value
+            if not -_INT64 <= total < _INT64:
+                raise ValueError(f"add_counts: counter {name!r} would overflow 64 bits")
+            target[name] = total

@@ -19,9 +19,9 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from ._report import RunSummary, printable, status_data
+from ._report import RunSummary, printable, stats_lines, status_data
 from ._store import Store
-from .backend import WorkerInfo
+from .backend import DeadLetter, WorkerInfo
 from .codec import decode_task
 from .errors import AchihuoError, DecodeError
 from .masking import mask_secrets
@@ -30,7 +30,7 @@ __all__ = ["Spider", "add_admin_commands", "run_command", "run_spider_cli", "set
 
 log = logging.getLogger("achihuo_mini")
 
-CLEAR_TARGETS = ("queue", "done", "dead", "all", "cache")
+CLEAR_TARGETS = ("queue", "done", "dead", "stats", "all", "cache")
 
 
 class Spider(Protocol):
@@ -74,6 +74,7 @@ def _add_start(sub: Any) -> None:
     start.add_argument("--no-run", action="store_true", help="master that resumes without calling run()")
     start.add_argument("--idle-exit", type=float, metavar="SECONDS", help="exit when the queue is idle this long")
     start.add_argument("-c", "--concurrency", type=int, help="handlers running at once")
+    start.add_argument("--metrics", metavar="HOST:PORT", help="serve this worker's Prometheus /metrics there")
     _common(start)
 
 
@@ -94,14 +95,17 @@ def add_admin_commands(sub: Any, named: bool = False) -> None:
     status = add("status", help="workers, queue and done set")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
-    clear = add("clear", help="delete data: queue, done, dead or all (default all)")
+    clear = add("clear", help="delete data: queue, done, dead, stats or all (default all)")
     clear.add_argument("what", nargs="?", default="all", choices=CLEAR_TARGETS)
     clear.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     clear.add_argument("--force", action="store_true", help="clear even while workers are registered")
 
-    dead = add("dead", help="list dead letters, or requeue them with --requeue")
+    dead = add("dead", help="list dead letters, show one with --show ID, or requeue them with --requeue")
     dead.add_argument("--limit", type=int, help="how many to list (default 20) or requeue (default all)")
-    dead.add_argument("--requeue", action="store_true", help="put dead letters back in the queue")
+    what = dead.add_mutually_exclusive_group()
+    what.add_argument("--requeue", action="store_true", help="put dead letters back in the queue (oldest first)")
+    what.add_argument("--show", type=int, metavar="ID", help="print one dead letter whole, its traceback included")
+
 
 
 def setup_logging(level: str | None, default: str) -> None:
@@ -130,15 +134,21 @@ def run_command(loop: Spider, args: argparse.Namespace) -> int:
     try:
         options: dict[str, Any] = {"config": args.config, "backend": args.backend, "log_level": args.log_level}
         if args.command == "start":
-            options.update(concurrency=args.concurrency, idle_exit=args.idle_exit)
+            options.update(concurrency=args.concurrency, idle_exit=args.idle_exit, metrics=args.metrics)
         if any(v is not None for v in options.values()):
             loop.configure(**options)
         level = loop.settings.loop["log_level"]
         if args.command == "start":
+            if loop.settings.loop["tune_gc"] is None:  # start() owns its process: tune the collector
+                loop.configure(**options, tune_gc=True)
             setup_logging(level, "DEBUG" if loop.settings.loop["debug"] else "INFO")
-            summary = asyncio.run(
-                loop.serve(slave=args.slave, seed=not args.no_run, idle_exit=None, handle_signals=True)
-            )
+            from .async_loop import event_loop_factory
+
+            factory = event_loop_factory(loop.settings.loop["uvloop"])
+            with asyncio.Runner(loop_factory=factory) as runner:
+                summary = runner.run(
+                    loop.serve(slave=args.slave, seed=not args.no_run, idle_exit=None, handle_signals=True)
+                )
             return summary.exit_code
         setup_logging(level, "WARNING")  # an admin command prints its answer, not the backend's chatter
         return asyncio.run(_admin(loop, args))
@@ -152,6 +162,15 @@ ADMIN_CALL_TIMEOUT = 300.0  # a clear of millions of tasks takes a while; a hung
 
 async def _admin(loop: Spider, args: argparse.Namespace) -> int:
     store = Store(loop.name, loop.settings, call_timeout=ADMIN_CALL_TIMEOUT)
+    if await store.has_data() is False:  # never create a store for a misspelled NAME
+        settings = store.settings
+        where = f"--config {settings.config_path}" if settings.config_path else f"--backend {settings.queue.backend}"
+        nothing = f"no data for loop {printable(loop.name)!r} at {store.where()} (it never ran there, or was cleared)"
+        if args.command == "clear":  # the wish is granted already
+            print(f"nothing to clear: {nothing}")
+            return 0
+        print(f"{nothing}; `achihuo loops {where}` lists the loops that have data", file=sys.stderr)
+        return 1
     await store.open()
     try:
         if args.command == "stop":
@@ -161,6 +180,8 @@ async def _admin(loop: Spider, args: argparse.Namespace) -> int:
         if args.command == "clear":
             return await _clear(loop.name, store, args.what, args.yes, args.force)
         if args.command == "dead":
+            if args.show is not None:
+                return await _show_dead(store, args.show)
             return await _dead(store, args.limit, args.requeue)
         raise AssertionError(args.command)
     finally:
@@ -278,6 +299,8 @@ async def _status(name: str, store: Store, as_json: bool) -> int:
         print("workers:")
         for r in rows:
             print("  " + "  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=True)))
+    for line in stats_lines(data["stats"]):
+        print(line)
     return 0
 
 
@@ -306,17 +329,56 @@ async def _clear(name: str, store: Store, what: str, yes: bool, force: bool) -> 
     return 0
 
 
+def _task_of(letter: DeadLetter) -> tuple[str, Any]:
+    """``handler(name)`` of a dead letter, and its decoded task (None when it does not decode)."""
+    try:
+        task = decode_task(letter.payload)
+    except DecodeError:
+        size = len(letter.payload) if isinstance(letter.payload, bytes) else "?"
+        return f"<undecodable {size} bytes>", None
+    name = mask_secrets(task.name) if task.name is not None else None
+    return f"{printable(task.handler, 60)}({name!r})", task
+
+
 async def _dead(store: Store, limit: int | None, requeue: bool) -> int:
+    if limit is not None and limit < 0:
+        print("error: --limit must be 0 or more", file=sys.stderr)
+        return 2
     if requeue:
         n = await store.requeue_dead(limit)
         print(f"requeued {n} dead letters")
         return 0
-    for letter in await store.dead_letters(20 if limit is None else limit):
-        try:
-            task = decode_task(letter.payload)
-            what = f"{printable(task.handler, 60)}({mask_secrets(task.name) if task.name is not None else None!r})"
-        except DecodeError:
-            what = f"<undecodable {len(letter.payload) if isinstance(letter.payload, bytes) else '?'} bytes>"
+    letters = await store.dead_letters(20 if limit is None else limit)
+    for letter in letters:
+        what, _ = _task_of(letter)
         first_line = letter.error.splitlines()[0] if isinstance(letter.error, str) and letter.error else ""
         print(f"{letter.task_id}  {printable(what)}  failures={letter.failures}  {printable(first_line)}")
+    if not letters:
+        print("no dead letters")
+    elif len(letters) == (20 if limit is None else limit):
+        total = (await store.stats()).dead
+        if total > len(letters):
+            print(f"... {total - len(letters)} more (--limit N lists more); `dead --show ID` prints one whole")
+    return 0
+
+
+SHOW_SCAN = 100_000
+"""How many dead letters (oldest first) ``dead --show`` looks through for an id."""
+
+
+async def _show_dead(store: Store, task_id: int) -> int:
+    letter = next((x for x in await store.dead_letters(SHOW_SCAN) if x.task_id == task_id), None)
+    if letter is None:
+        print(f"error: no dead letter {task_id} (among the oldest {SHOW_SCAN}); `dead` lists them", file=sys.stderr)
+        return 1
+    what, task = _task_of(letter)
+    print(f"dead letter {letter.task_id}: {printable(what)}")
+    if task is not None:
+        print(f"  handler:  {printable(task.handler)}")
+        print(f"  name:     {printable(mask_secrets(task.name)) if task.name is not None else None}")
+        print(f"  args:     {printable(mask_secrets(repr(list(task.args))), 2000)}")
+    print(f"  failures: {letter.failures}")
+    print("  error:")
+    for line in (letter.error if isinstance(letter.error, str) else repr(letter.error)).splitlines():
+        print(f"    {printable(line, 1000)}")
     return 0

@@ -53,7 +53,7 @@ LOOP_OPTIONS: dict[str, Option] = {
     "retry_max_delay": Option(float, 300.0, "cap of the retry delay in seconds", 0, _SECONDS),
     "idle_exit": Option(float, None, "exit when the whole loop is idle this many seconds (None: never)", 0, _SECONDS),
     "flush_interval": Option(float, 0.1, "seconds between flushes of tasks added outside handlers", 0, 3600),
-    "progress_interval": Option(float, 60.0, "seconds between progress log lines (0: none)", 0, _SECONDS),
+    "progress_interval": Option(float, 60.0, "seconds between progress log lines (1 or more; 0: none)", 0, _SECONDS),
     "allow_local": Option(bool, False, "allow a network queue with a host/process-scope done set"),
     "require_durable": Option(bool, False, "refuse a backend that reports volatile durability"),
     "max_task_size": Option(
@@ -61,9 +61,27 @@ LOOP_OPTIONS: dict[str, Option] = {
     ),
     "user_agent": Option(str, None, "User-Agent header of async_web_request"),
     "request_timeout": Option(float, 30.0, "default total timeout of one HTTP try, seconds", 0, _SECONDS),
+    "request_tries": Option(
+        int, 3, "default tries of one async_web_request (item.max_retry overrides); 1: task retries alone", 1, 1000
+    ),
     "max_body_size": Option(
         int, 64 * 1024 * 1024, "largest HTTP body async_web_request reads, bytes (0: no limit)", 0, 2**62
     ),
+    "tune_gc": Option(
+        bool,
+        None,
+        "raise the garbage collector's thresholds while serving (and freeze start-up objects); "
+        "None: on in start(), which owns its process, off in an embedding serve()",
+    ),
+    "uvloop": Option(
+        bool,
+        None,
+        "run start() and run_until_idle() on uvloop (pip install achihuo_mini[fast]); None: when installed",
+    ),
+    "stats": Option(
+        bool, True, "count HTTP requests and publish the counters with heartbeats (False: task counts only)"
+    ),
+    "metrics": Option(str, None, "HOST:PORT where start serves this worker's Prometheus /metrics (None: nowhere)"),
     "per_host_limit": Option(int, 0, "concurrent requests per host (0: no limit)", 0, _COUNT),
     "per_host_delay": Option(float, 0.0, "seconds between the starts of requests to one host", 0, 86400),
     "dedup_cache": Option(
@@ -76,9 +94,29 @@ LOOP_OPTIONS: dict[str, Option] = {
     "dedup_cache_ttl": Option(
         float, 60.0, "seconds a name stays in the local dedup cache after this process marked it done", 0, _SECONDS
     ),
+    "per_host_scope": Option(
+        str,
+        "loop",
+        "loop: per_host_limit, per_host_delay and Crawl-delay hold across every worker sharing the backend; "
+        "process: each process keeps them for itself",
+    ),
+    "obey_robots": Option(
+        bool, False, "fetch each host's robots.txt; refuse the URLs it disallows and honour its Crawl-delay"
+    ),
+    "canonical_names": Option(
+        bool, False, "apply canonical_url() to every task name that is an http(s) URL (adds, task_done, uncache_task)"
+    ),
+    "done_ttl": Option(
+        float,
+        None,
+        "seconds a task_done name blocks repeat=False adds (None: for ever; task_done(ttl=) overrides)",
+        0,
+        _SECONDS,
+    ),
 }
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_HOST_SCOPES = ("loop", "process")
 _POSITIVE = ("lease_timeout", "heartbeat_interval", "task_timeout", "flush_interval", "request_timeout",
              "dedup_cache_ttl")  # fmt: skip
 """Options where 0 would spin a background loop or fail every call: they must be more than 0."""
@@ -108,6 +146,8 @@ class Settings:
     done: Side
     config_path: Path | None = None
     sources: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    """What the loop logs at start about these settings (a keyword argument hiding a config-file value)."""
 
     def __repr__(self) -> str:  # backend options hold URLs with passwords
         return mask_secrets(
@@ -169,6 +209,7 @@ def load_settings(
         ("command-line option", cli),
     ]
     cli_backend = cli.pop("backend", None)
+    warnings: list[str] = []
     for label, layer in layers:
         for name, value in layer.items():
             if name not in LOOP_OPTIONS:
@@ -176,17 +217,39 @@ def load_settings(
                 raise ConfigError(f"{label}: unknown option {name!r} (known: {known})")
             if value is None:
                 continue
-            loop[name] = coerce_option(LOOP_OPTIONS[name], value, f"{label} {name!r}", base_dir)
+            coerced = coerce_option(LOOP_OPTIONS[name], value, f"{label} {name!r}", base_dir)
+            if label == "keyword argument" and sources[name] != "default" and coerced != loop[name]:
+                warnings.append(
+                    f"the keyword argument {name}={coerced!r} hides {name} = {loop[name]!r} of {sources[name]} "
+                    "(keyword arguments win over the config file; the command line wins over both)"
+                )
+            loop[name] = coerced
             sources[name] = label
     for name in _POSITIVE:
         if not loop[name] > 0:
             raise ConfigError(f"{sources[name]} {name!r}: must be more than 0, got {loop[name]}")
+    if loop["metrics"] is not None:
+        from ._metrics import parse_address  # no prometheus import: it only checks the text
+
+        parse_address(loop["metrics"], f"{sources['metrics']} 'metrics'")
+    if 0 < loop["progress_interval"] < 1:
+        raise ConfigError(
+            f"{sources['progress_interval']} 'progress_interval': {loop['progress_interval']:g} s is too often "
+            "for a log line; give 1 s or more, or 0 for none"
+        )
     if loop["heartbeat_interval"] >= loop["lease_timeout"]:
         raise ConfigError(
             f"heartbeat_interval ({loop['heartbeat_interval']:g} s, {sources['heartbeat_interval']}) must be less "
             f"than lease_timeout ({loop['lease_timeout']:g} s, {sources['lease_timeout']}): otherwise live workers "
             "are declared dead and their tasks run twice"
         )
+    if loop["per_host_scope"] not in _HOST_SCOPES:
+        raise ConfigError(
+            f"{sources['per_host_scope']} 'per_host_scope': expected one of {', '.join(_HOST_SCOPES)}, "
+            f"got {loop['per_host_scope']!r}"
+        )
+    if loop["done_ttl"] is not None and not loop["done_ttl"] > 0:
+        raise ConfigError(f"{sources['done_ttl']} 'done_ttl': must be more than 0 seconds (or unset), got 0")
     if loop["log_level"] is not None and loop["log_level"].upper() not in _LOG_LEVELS:
         raise ConfigError(
             f"{sources['log_level']} 'log_level': expected one of {', '.join(_LOG_LEVELS)}, got {loop['log_level']!r}"
@@ -210,4 +273,4 @@ def load_settings(
 
     queue = side("queue", queue_backend)
     done = side("done", None)
-    return Settings(loop=loop, queue=queue, done=done, config_path=path, sources=sources)
+    return Settings(loop=loop, queue=queue, done=done, config_path=path, sources=sources, warnings=warnings)

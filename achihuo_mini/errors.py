@@ -13,6 +13,9 @@
     ├── BackendError                      a backend failed; the driver's error is chained
     │   └── BackendUnavailable (ConnectionError)   it cannot be reached (yet)
     ├── RequestError                      async_web_request gave up after its last try
+    │   └── InvalidRequest (Reject, ValueError)   a request that can never succeed (not http(s), no url)
+    ├── Reject                            raise from a handler: the task can never succeed, bury it now
+    ├── RobotsDisallowed                  obey_robots: the site's robots.txt disallows the URL
     └── Retry                             raise from a handler to retry it (optionally after ``delay``)
 
 Driver exceptions (redis, sqlite3, aiohttp) are translated at the backend boundary
@@ -30,9 +33,12 @@ __all__ = [
     "DecodeError",
     "EncodeError",
     "HandlerError",
+    "InvalidRequest",
     "PluginError",
+    "Reject",
     "RequestError",
     "Retry",
+    "RobotsDisallowed",
     "TaskTooLarge",
 ]
 
@@ -85,6 +91,48 @@ class RequestError(AchihuoError):
         self.url = url
         self.tries = tries
         self.last_error = last_error
+
+
+class Reject(AchihuoError):
+    """Raise from a handler when its task can never succeed: it becomes a dead letter at once.
+
+    No retry is spent on it (``reason`` is the dead letter's error text). The loop treats
+    a few failures the same way by itself, because running them again cannot help: arguments
+    that do not fit the handler's signature, an :class:`InvalidRequest`, and adds that
+    cannot be stored (``HandlerError``, ``EncodeError``, ``TaskTooLarge``) raised inside
+    the handler. ``dead --requeue`` runs such tasks again once the cause is mended.
+    """
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason or "rejected by the handler")
+        self.reason = reason
+
+
+class InvalidRequest(RequestError, Reject, ValueError):
+    """``async_web_request`` was given a request no try can send: no URL, a URL that does not
+    parse or is not http(s), conflicting fields; also a redirect loop, a certificate error and
+    a body over ``max_body_size``. It fails at once, and its task is a dead letter at once."""
+
+    def __init__(self, url: str, reason: str, tries: int = 1) -> None:
+        Exception.__init__(self, f"{url}: {reason}")
+        self.url = url
+        self.tries = tries
+        self.last_error = reason
+        self.reason = reason
+
+
+class RobotsDisallowed(AchihuoError):
+    """``async_web_request`` refused a URL that the site's robots.txt disallows (``obey_robots``).
+
+    No request was sent. Raised out of a handler, the task is acknowledged and counted as
+    ``disallowed``: never retried, never a dead letter, not marked done (its outbox is
+    discarded, as for any handler that raises).
+    """
+
+    def __init__(self, url: str, robots_url: str) -> None:
+        super().__init__(f"{url}: disallowed by {robots_url}")
+        self.url = url
+        self.robots_url = robots_url
 
 
 class Retry(AchihuoError):

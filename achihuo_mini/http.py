@@ -13,7 +13,8 @@ Item fields (missing ones read as ``None`` and take the default):
                       ``request_timeout`` loop option, 30 s)
 ``proxy``             ``http://user:password@host:port``; credentials are masked in errors and logs
 ``allow_redirects``   True; with False a 3xx comes back as the response
-``max_retry``         total tries, as in the seed's code (default 3; 0 or 1: one try)
+``max_retry``         total tries, as in the seed's code (default: the ``request_tries`` loop
+                      option, 3; 0 or 1: one try)
 ``encoding``          forces the encoding of ``Response.text``
 
 One :class:`aiohttp.ClientSession` per loop, created inside the running event loop on the
@@ -31,13 +32,26 @@ are retried with exponential backoff and jitter (:data:`BACKOFF_BASE` doubling, 
 :data:`RETRY_AFTER_MAX`. A ``check_html(text)`` method on the loop (or the seed-era
 ``check_html=`` keyword) that returns a false value rejects a body: that try failed too.
 When the last try fails, :class:`~achihuo_mini.errors.RequestError` names the URL and the
-last error; an invalid URL, a redirect loop or a body over ``max_body_size`` fail at once.
-The task then fails, so the loop's task retries and dead letters apply.
+last error; the task then fails, so the loop's task retries and dead letters apply. The two
+budgets multiply: a URL that always fails is requested ``max_retry`` x (``max_retries`` + 1)
+times (3 x 4 = 12 with the defaults). ``request_tries = 1`` makes each attempt one request,
+so that ``max_retries`` alone bounds the total (``max_retries`` + 1 requests, spaced by the
+task backoff). A request no try can send -- no URL, a URL that does not parse or is not
+http(s), a redirect loop, a certificate error, a body over ``max_body_size`` -- raises
+:class:`~achihuo_mini.errors.InvalidRequest` at once, and its task becomes a dead letter at
+once (it is a :class:`~achihuo_mini.errors.Reject`).
 
 Politeness: the ``per_host_limit`` loop option caps the requests in flight to one host name
-(the item URL's; redirects stay in its slot) across the loop, in this process;
-``per_host_delay`` spaces the starts of requests to one host. Both hold one try (request
-and body), never a backoff sleep.
+(the item URL's; redirects stay in its slot); ``per_host_delay`` spaces the starts of
+requests to one host (a larger ``Crawl-delay`` of its robots.txt wins, with
+``obey_robots``). Both hold one try (request and body), never a backoff sleep. While the
+loop serves on a queue with the ``HostSlots`` ability they hold for the whole loop, across
+every worker (see :mod:`achihuo_mini._hosts`); otherwise, and with ``per_host_scope =
+"process"``, within this process.
+
+robots.txt: with ``obey_robots``, a URL its site's robots.txt disallows for the loop's
+user agent raises :class:`~achihuo_mini.errors.RobotsDisallowed` before any request
+(see :mod:`achihuo_mini._robots` for fetching, caching and failures).
 
 Bodies are streamed and counted: a body over the ``max_body_size`` loop option (0: no
 limit) fails at once, whether or not it declares its length, and also after decompression.
@@ -63,7 +77,7 @@ import traceback
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -71,8 +85,13 @@ from multidict import CIMultiDictProxy
 
 from ._charsets import decode as _decode
 from ._charsets import decode_body, detect_encoding
-from .errors import RequestError
+from ._robots import ROBOTS_MAX_BYTES, Robots
+from ._stats import Stats
+from .errors import InvalidRequest, RequestError
 from .masking import mask_secrets, mask_url
+
+if TYPE_CHECKING:
+    from ._hosts import LoopHosts
 
 __all__ = [
     "BACKOFF_BASE",
@@ -203,6 +222,8 @@ _NO_GATE = _NoGate()
 
 
 class _Host:
+    """Per-host state of the per-process gate."""
+
     __slots__ = ("next_start", "semaphore", "users")
 
     def __init__(self, limit: int) -> None:
@@ -223,16 +244,22 @@ class HttpClient:
         name: str,
         options: Mapping[str, Any],
         *,
+        stats: Stats | None = None,
         pool_size: int = 10,
         headers: Mapping[str, str] | None = None,
         check_html: Callable[[str], Any] | None = None,
+        hosts: LoopHosts | None = None,
     ) -> None:
-        """``options``: the loop options ``user_agent``, ``request_timeout``, ``max_body_size``,
-        ``per_host_limit`` and ``per_host_delay``; ``headers``: the spider's defaults
-        (``HTTP_HEADERS``); ``check_html``: a function of the text that may reject a body."""
+        """``options``: the loop options ``user_agent``, ``request_timeout``, ``request_tries``,
+        ``max_body_size``, ``per_host_limit``, ``per_host_delay`` and ``obey_robots``; ``headers``:
+        the spider's defaults (``HTTP_HEADERS``); ``check_html``: a function of the text that may
+        reject a body; ``stats``: the loop's counters (requests, statuses, retries, errors, bytes,
+        times); ``hosts``: the loop-wide per-host gate of the serve (None: per process)."""
         self.name = name
+        self.stats = stats if stats is not None else Stats()
         self.user_agent: str = options.get("user_agent") or DEFAULT_USER_AGENT
         self.timeout: float = float(options.get("request_timeout") or 30.0)
+        self.tries: int = max(1, int(options.get("request_tries") or DEFAULT_TRIES))
         self.max_body: int = int(options.get("max_body_size") or 0)
         self.per_host_limit: int = max(0, int(options.get("per_host_limit") or 0))
         self.per_host_delay: float = max(0.0, float(options.get("per_host_delay") or 0.0))
@@ -246,6 +273,9 @@ class HttpClient:
         self._prune_at = _PRUNE_AT
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self.check_html = check_html
+        self.hosts = hosts
+        self.robots: Robots | None = Robots(self) if options.get("obey_robots") else None
+        self._polite = self.per_host_limit > 0 or self.per_host_delay > 0 or self.robots is not None
 
     def session(self) -> aiohttp.ClientSession:
         """The loop's session; created now if there is none in the running event loop."""
@@ -285,10 +315,19 @@ class HttpClient:
         return self._session is not None and not self._session.closed
 
     def gate(self, url: str) -> AbstractAsyncContextManager[None]:
-        """Hold one of the ``per_host_limit`` slots of ``url``'s host and wait its ``per_host_delay`` turn."""
-        if self.per_host_limit <= 0 and self.per_host_delay <= 0:
+        """Hold one of the ``per_host_limit`` slots of ``url``'s host and wait its turn
+        (``per_host_delay``, or a larger ``Crawl-delay``): for the whole loop, or in this process."""
+        if not self._polite:
             return _NO_GATE
-        return self._gate(url)
+        key = _host_key(url)
+        delay = self.per_host_delay
+        if self.robots is not None:
+            delay = max(delay, self.robots.delay(key))
+        if self.per_host_limit <= 0 and delay <= 0:
+            return _NO_GATE
+        if self.hosts is not None:
+            return self.hosts.gate(key, delay)
+        return self._gate(key, delay)
 
     def client_timeout(self, seconds: float) -> aiohttp.ClientTimeout:
         """One ``ClientTimeout`` per distinct timeout (they are immutable; most items use the default)."""
@@ -300,8 +339,7 @@ class HttpClient:
         return timeout
 
     @asynccontextmanager
-    async def _gate(self, url: str) -> AsyncIterator[None]:
-        key = _host_key(url)
+    async def _gate(self, key: str, delay: float) -> AsyncIterator[None]:
         host = self._hosts.get(key)
         if host is None:
             if len(self._hosts) >= self._prune_at:
@@ -311,22 +349,22 @@ class HttpClient:
         try:
             if host.semaphore is not None:
                 async with host.semaphore:
-                    await self._take_turn(host)
+                    await self._take_turn(host, delay)
                     yield
             else:
-                await self._take_turn(host)
+                await self._take_turn(host, delay)
                 yield
         finally:
             host.users -= 1
             if host.users == 0 and host.next_start <= time.monotonic() and self._hosts.get(key) is host:
                 del self._hosts[key]
 
-    async def _take_turn(self, host: _Host) -> None:
-        if self.per_host_delay <= 0:
+    async def _take_turn(self, host: _Host, delay: float) -> None:
+        if delay <= 0:
             return
         now = time.monotonic()
         start = max(now, host.next_start)
-        host.next_start = start + self.per_host_delay
+        host.next_start = start + delay
         if start > now:
             await asyncio.sleep(start - now)
 
@@ -341,12 +379,30 @@ class HttpClient:
         session, self._session = self._session, None
         owner, self._session_loop = self._session_loop, None
         self._hosts.clear()
+        if self.robots is not None:
+            await self.robots.close()
         if session is None or session.closed:
             return
         if owner is asyncio.get_running_loop():
             await session.close()
         else:
             session.detach()
+
+
+_HTTP_PREFIXES = ("http://", "https://")
+
+
+def _check_url(url: str) -> None:
+    """An :class:`InvalidRequest` unless ``url`` parses as an http(s) URL with a host."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise InvalidRequest(mask_url(url), f"the URL does not parse: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise InvalidRequest(mask_url(url), f"not an http(s) URL (scheme {parts.scheme or 'missing'!r})")
+    if not parts.hostname:
+        raise InvalidRequest(mask_url(url), "the URL has no host")
 
 
 def _host_key(url: str) -> str:
@@ -405,11 +461,12 @@ _FATAL: tuple[type[BaseException], ...] = (
 
 
 class _Failed(Exception):
-    """One try failed in a way worth another try."""
+    """One try failed in a way worth another try (``reason``: the retry's name in the statistics)."""
 
-    def __init__(self, message: str, wait: float | None = None) -> None:
+    def __init__(self, message: str, wait: float | None = None, reason: str = "") -> None:
         super().__init__(message)
         self.wait = wait
+        self.reason = reason
 
 
 class _BodyTooLarge(Exception):
@@ -488,6 +545,7 @@ async def request(
     session: aiohttp.ClientSession | None = None,
     keep_alive: bool | None = None,
     check_html: Callable[[str], Any] | None = None,
+    _robots: bool = False,
 ) -> Response:
     """Perform ``item`` with retries and return the :class:`Response` (see the module docstring).
 
@@ -496,66 +554,93 @@ async def request(
     ``Connection: close``. ``check_html``: a function of the text (sync or async) used
     instead of the loop's ``check_html`` method; an exception in it propagates.
 
-    Raises :class:`~achihuo_mini.errors.RequestError` when no try succeeded, and
-    ``ValueError``/``TypeError`` for an item that cannot be sent at all.
+    Raises :class:`~achihuo_mini.errors.RequestError` when no try succeeded,
+    :class:`~achihuo_mini.errors.RobotsDisallowed` (``obey_robots``) for a URL the site's
+    robots.txt disallows (nothing is sent), and :class:`~achihuo_mini.errors.InvalidRequest`
+    (a ``ValueError``) for an item that cannot be sent at all. (``_robots``: the fetch of a
+    robots.txt itself.)
     """
     url = item.get("url")
     if not isinstance(url, str) or not url:
-        raise ValueError(f"async_web_request: the item has no url (its keys: {sorted(map(str, item))})")
+        raise InvalidRequest(repr(url), f"the item has no url (its keys: {sorted(map(str, item))})")
+    if not url.startswith(_HTTP_PREFIXES):  # the common case costs one call; the rest is aiohttp's to parse
+        _check_url(url)
     method = item.get("method")
     method = "GET" if method is None or method == "GET" else str(method or "GET").upper()
     tries = item.get("max_retry")
-    tries = DEFAULT_TRIES if tries is None else max(1, int(tries))
-    timeout = client.timeout if item.get("timeout") is None else float(item["timeout"])
-    if not timeout > 0:
-        raise ValueError(f"async_web_request: timeout must be a positive number of seconds, not {timeout!r}")
+    try:
+        tries = client.tries if tries is None else max(1, int(tries))
+        timeout = client.timeout if item.get("timeout") is None else float(item["timeout"])
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidRequest(mask_url(url), f"max_retry and timeout must be numbers: {exc}") from None
+    if not timeout > 0 or timeout != timeout:
+        raise InvalidRequest(mask_url(url), f"timeout must be a positive number of seconds, not {timeout!r}")
     if session is not None and not isinstance(session, aiohttp.ClientSession):
         raise TypeError(f"session= must be an aiohttp.ClientSession, not {type(session).__name__}")
-    kwargs = _request_kwargs(item, client.client_timeout(timeout), keep_alive)
+    try:
+        kwargs = _request_kwargs(item, client.client_timeout(timeout), keep_alive)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(mask_url(url), mask_secrets(str(exc))) from None
     checker = check_html if check_html is not None else client.check_html
     forced = item.get("encoding")
+    max_body = client.max_body
+    if _robots:
+        max_body = ROBOTS_MAX_BYTES
+    elif client.robots is not None:
+        await client.robots.check(url, _host_key(url))
     http = session if session is not None else client.session()
     last_error = ""
     last_exc: BaseException | None = None
+    stats = client.stats
     for try_no in range(1, tries + 1):
         wait: float | None = None
+        reason = ""
+        began = 0.0  # when the try was sent; 0 again once its answer is counted
         try:
-            async with client.gate(url), http.request(method, url, **kwargs) as resp:
-                if _retry_status(resp.status):
-                    raise _Failed(
-                        f"HTTP {resp.status} {resp.reason or ''}".rstrip(),
-                        _retry_after(resp.headers.get("Retry-After")),
-                    )
-                try:
-                    content = await _read_limited(resp, client.max_body)
-                except _BodyTooLarge:
-                    resp.close()  # drop the connection rather than drain the rest
-                    raise
-                response = Response(
-                    resp.status,
-                    resp.headers,
-                    str(resp.url),
-                    content,
-                    resp.charset,
-                    forced,
-                    tuple(str(r.url) for r in resp.history) if resp.history else (),
-                    resp.reason or "",
-                    {name: morsel.value for name, morsel in resp.cookies.items()} if resp.cookies else None,
-                )
+            async with client.gate(url):
+                began = time.monotonic()
+                async with http.request(method, url, **kwargs) as resp:
+                    content = b""
+                    try:
+                        if _retry_status(resp.status):
+                            raise _Failed(
+                                f"HTTP {resp.status} {resp.reason or ''}".rstrip(),
+                                _retry_after(resp.headers.get("Retry-After")),
+                                str(resp.status),
+                            )
+                        try:
+                            content = await _read_limited(resp, max_body)
+                        except _BodyTooLarge:
+                            resp.close()  # drop the connection rather than drain the rest
+                            raise
+                    finally:
+                        stats.response(time.monotonic() - began, resp.status, len(content), resp.url.raw_host or "")
+                        began = 0.0
+                    response = _response(resp, content, forced)
             if checker is not None and not await _check(checker, response.text):
+                reason = "check_html"
                 raise _Failed(f"check_html rejected the body (HTTP {response.status})")
             return response
         except _Failed as exc:
             last_error, last_exc, wait = str(exc), None, exc.wait
+            reason = reason or exc.reason
         except _BodyTooLarge as exc:
-            raise RequestError(mask_url(url), try_no, str(exc)) from None
+            raise InvalidRequest(mask_url(url), str(exc), try_no) from None
         except _FATAL as exc:
-            raise RequestError(mask_url(url), try_no, _describe(exc)) from (exc if _shows_no_secret(exc) else None)
+            _no_answer(stats, began, url, exc)
+            why = _describe(exc)
+            if isinstance(exc, aiohttp.InvalidURL):
+                why = f"the URL does not parse ({why})"
+            raise InvalidRequest(mask_url(url), why, try_no) from (exc if _shows_no_secret(exc) else None)
         except TimeoutError as exc:
-            last_error, last_exc = f"{type(exc).__name__}: no complete answer within {timeout:g} s", exc
+            _no_answer(stats, began, url, exc)
+            last_error, last_exc, reason = f"{type(exc).__name__}: no complete answer within {timeout:g} s", exc, \
+                "timeout"  # fmt: skip
         except (aiohttp.ClientError, OSError) as exc:
-            last_error, last_exc = _describe(exc), exc
+            _no_answer(stats, began, url, exc)
+            last_error, last_exc, reason = _describe(exc), exc, type(exc).__name__
         if try_no < tries:
+            stats.add_bounded("http/retries", reason)
             delay = wait if wait is not None else _backoff(try_no)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
@@ -564,3 +649,26 @@ async def request(
             await asyncio.sleep(delay)
     cause = last_exc if last_exc is not None and _shows_no_secret(last_exc) else None
     raise RequestError(mask_url(url), tries, last_error) from cause
+
+
+def _response(resp: aiohttp.ClientResponse, content: bytes, forced: Any) -> Response:
+    return Response(
+        resp.status,
+        resp.headers,
+        str(resp.url),
+        content,
+        resp.charset,
+        forced,
+        tuple(str(r.url) for r in resp.history) if resp.history else (),
+        resp.reason or "",
+        {name: morsel.value for name, morsel in resp.cookies.items()} if resp.cookies else None,
+    )
+
+
+def _no_answer(stats: Stats, began: float, url: str, exc: BaseException) -> None:
+    """A try that failed with ``exc``: its error type counted; and, when it was sent but its
+    answer not counted yet (``began``), the try itself."""
+    if began:
+        stats.response(time.monotonic() - began, None, 0, _host_key(url))
+    stats.add_bounded("http/errors", type(exc).__name__)
+

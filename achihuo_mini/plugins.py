@@ -100,6 +100,13 @@ class BackendSpec:
     list_loops: Callable[[dict[str, Any]], Coroutine[Any, Any, list[str]]] | None = None
     """Optional: the NAMEs of the loops that have data where ``options`` point (for
     ``achihuo loops``), called with the same option dict as the factories."""
+    has_data: Callable[[str, dict[str, Any]], Coroutine[Any, Any, bool]] | None = None
+    """Optional: ``has_data(namespace, options)``: does the loop have anything (tasks, dead
+    letters, done names, registered workers) where ``options`` point? It must create and
+    change nothing. The commands that manage a loop (``status``, ``dead``, ``stop``,
+    ``clear``) ask it first and answer "no data for loop X" instead of opening the backend,
+    which could create a new, empty store for a misspelled NAME. When in doubt (a store it
+    cannot read), answer True: opening it then reports the real problem."""
     plugin: str = ""
     """Filled in by the registry: the plugin that registered this spec."""
 

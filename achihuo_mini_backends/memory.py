@@ -5,6 +5,11 @@ Scope ``process``: loops with the same ``NAME`` in one process share the data
 survives the process. Every operation runs without awaiting, so it is atomic with
 respect to the event loop. Registered through the ``achihuo_mini`` entry-point
 group like any third-party plugin.
+
+Abilities: worker registry, notifier, per-host slots (:class:`~achihuo_mini.backend.HostSlots`,
+within this process) and expiring done names (:class:`~achihuo_mini.backend.ExpiringDoneSet`;
+the clock is ``time.monotonic()``; ``add_expiring`` also drops a few names whose ttl passed,
+oldest first).
 """
 
 from __future__ import annotations
@@ -19,14 +24,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from achihuo_mini.backend import (
+    COUNTS_LIMIT,
     Commit,
     DeadLetter,
     DoneSetBackend,
+    HostAsk,
+    HostGrant,
     Lease,
     NewTask,
     QueueStats,
     WorkerInfo,
 )
+from achihuo_mini.backend_kit import merge_counts
 from achihuo_mini.plugins import BackendSpec, hookimpl
 
 __all__ = ["MemoryDoneSet", "MemoryQueue", "achihuo_register_backends", "drop_namespace"]
@@ -66,6 +75,16 @@ class _Worker:
         self.mailbox: list[str] = []
 
 
+class _HostState:
+    """Per-host slots and turns: the next free start, and worker -> [slots, expires, waiting until]."""
+
+    __slots__ = ("holders", "next_start")
+
+    def __init__(self) -> None:
+        self.next_start = 0.0
+        self.holders: dict[str, list[float]] = {}
+
+
 class _Store:
     """All data of one namespace.
 
@@ -99,9 +118,62 @@ class _Store:
         self.pending: dict[bytes, int] = {}
         self.dead: dict[int, tuple[_Task, str]] = {}
         self.done: set[bytes] = set()
+        self.expires: dict[bytes, float] = {}  # done keys with a ttl -> monotonic deadline, oldest write first
+        self.hosts: dict[str, _HostState] = {}
         self.workers: dict[str, _Worker] = {}
+        self.counts: dict[str, int] = {}
         self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self.lock = threading.Lock()  # loops in other threads may share the namespace
+
+    def is_done(self, key: bytes) -> bool:
+        """``key`` is done and its ttl (if any) has not passed."""
+        if key not in self.done:
+            return False
+        if not self.expires:
+            return True
+        deadline = self.expires.get(key)
+        return deadline is None or deadline > time.monotonic()
+
+    def put_done(self, keys: Sequence[bytes]) -> int:
+        """Make keys done for ever; return how many were not done before."""
+        done, expires = self.done, self.expires
+        new = 0
+        for key in keys:
+            if not self.is_done(key):
+                new += 1
+            done.add(key)
+            if expires:
+                expires.pop(key, None)
+        return new
+
+    def put_expiring(self, items: Sequence[tuple[bytes, float]]) -> int:
+        """Make keys done for a ttl each; return how many were not done before; drop a few expired ones."""
+        done, expires = self.done, self.expires
+        now = time.monotonic()
+        new = 0
+        for key, ttl in items:
+            if not self.is_done(key):
+                new += 1
+            done.add(key)
+            expires.pop(key, None)  # to the end: the dict stays in write order
+            expires[key] = now + ttl
+        for key in list(itertools.islice(expires, 2 * len(items) + 1)):
+            if expires[key] > now:
+                break
+            del expires[key]
+            done.discard(key)
+        return new
+
+    def drop_done(self, keys: Sequence[bytes]) -> int:
+        """Remove keys; return how many were done (ttl not passed)."""
+        present = 0
+        for key in keys:
+            if self.is_done(key):
+                present += 1
+            self.done.discard(key)
+            if self.expires:
+                self.expires.pop(key, None)
+        return present
 
     def wake(self) -> None:
         waiters, self.waiters = self.waiters, []
@@ -138,6 +210,7 @@ class MemoryQueue:
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
         self.location = f"memory:{namespace}"
+        self.children_pushed = 0  # children this object's commits enqueued (the loop reports them)
         self._s = _store(namespace)
 
     def __repr__(self) -> str:
@@ -165,7 +238,7 @@ class MemoryQueue:
             key = t.key
             if key is not None:
                 count = pending.get(key, 0)
-                if t.unique and (count or (check_done and key in s.done)):
+                if t.unique and (count or (check_done and s.is_done(key))):
                     continue
                 pending[key] = count + 1
             if t.delay > 0:
@@ -282,11 +355,13 @@ class MemoryQueue:
                     continue
                 self._forget(task)
                 if c.undone:
-                    s.done.difference_update(c.undone)
+                    s.drop_done(c.undone)
                 if c.done:
-                    s.done.update(c.done)
+                    s.put_done(c.done)
+                if c.expiring:
+                    s.put_expiring(c.expiring)
                 if c.children:
-                    self._insert(c.children, check_done=True)
+                    self.children_pushed += self._insert(c.children, check_done=True)
                 applied += 1
             return applied
 
@@ -415,6 +490,20 @@ class MemoryQueue:
         with self._s.lock:
             return self._leases_of({worker})
 
+    # -- CounterStore ------------------------------------------------------------------
+
+    async def add_counts(self, counts: Mapping[str, int]) -> None:
+        with self._s.lock:
+            merge_counts(self._s.counts, counts)
+
+    async def counts(self) -> dict[str, int]:
+        with self._s.lock:
+            return dict(itertools.islice(self._s.counts.items(), COUNTS_LIMIT))
+
+    async def clear_counts(self) -> None:
+        with self._s.lock:
+            self._s.counts.clear()
+
     async def workers(self) -> list[WorkerInfo]:
         now = time.monotonic()
         found = [
@@ -438,6 +527,47 @@ class MemoryQueue:
         with s.lock:
             orphans = {t.worker for t in s.leased.values() if t.worker not in s.workers}
             return self._release(self._leases_of(orphans)) if orphans else 0  # type: ignore[arg-type]
+
+    # -- per-host slots ----------------------------------------------------
+
+    async def claim_hosts(self, worker: str, asks: Sequence[HostAsk], ttl: float, wait: float) -> list[HostGrant]:
+        """Release, take slots and reserve turns per host, atomically (see ``HostSlots``)."""
+        s = self._s
+        with s.lock:
+            now = time.monotonic()
+            return [self._claim(s, worker, ask, now, ttl, wait) for ask in asks]
+
+    @staticmethod
+    def _claim(s: _Store, worker: str, ask: HostAsk, now: float, ttl: float, wait: float) -> HostGrant:
+        state = s.hosts.get(ask.host)
+        if state is None:
+            state = s.hosts[ask.host] = _HostState()
+        holders = state.holders
+        for w, entry in list(holders.items()):
+            if entry[1] <= now:
+                entry[0] = 0
+            if not entry[0] and entry[2] <= now:
+                del holders[w]
+        mine = holders.pop(worker, [0, 0.0, 0.0])
+        held = int(mine[0]) - min(max(ask.release, 0), int(mine[0]))
+        granted = 0
+        waiting = mine[2]
+        if ask.slots > 0:
+            others = sum(int(e[0]) for e in holders.values())
+            free = max(ask.limit - others - held, 0) if ask.limit > 0 else ask.slots
+            granted = min(ask.slots, free)
+            held += granted
+            waiting = now + wait if granted < ask.slots else 0.0
+        if held or waiting > now:
+            holders[worker] = [held, now + ttl, waiting]
+        start, turns = 0.0, max(ask.turns, 0)
+        if turns and ask.delay > 0:
+            first = max(now, state.next_start)
+            state.next_start = first + turns * ask.delay
+            start = first - now
+        if not holders and state.next_start <= now:
+            del s.hosts[ask.host]
+        return HostGrant(granted, held, max(len(holders), 1), start, turns)
 
     # -- notifier ----------------------------------------------------------
 
@@ -484,26 +614,28 @@ class MemoryDoneSet:
         pass
 
     async def add(self, keys: Sequence[bytes]) -> int:
-        done = self._done
-        before = len(done)
-        done.update(keys)
-        return len(done) - before
+        return _store(self.namespace).put_done(keys)
+
+    async def add_expiring(self, items: Sequence[tuple[bytes, float]]) -> int:
+        return _store(self.namespace).put_expiring(items)
 
     async def contains(self, keys: Sequence[bytes]) -> list[bool]:
-        done = self._done
-        return [k in done for k in keys]
+        s = _store(self.namespace)
+        if not s.expires:
+            done = s.done
+            return [k in done for k in keys]
+        return [s.is_done(k) for k in keys]
 
     async def remove(self, keys: Sequence[bytes]) -> int:
-        done = self._done
-        before = len(done)
-        done.difference_update(keys)
-        return before - len(done)
+        return _store(self.namespace).drop_done(keys)
 
     async def count(self) -> int:
         return len(self._done)
 
     async def clear(self) -> None:
-        self._done.clear()
+        s = _store(self.namespace)
+        s.done.clear()
+        s.expires.clear()
 
 
 @hookimpl
@@ -516,6 +648,7 @@ def achihuo_register_backends(register: Any) -> None:
             create_queue=lambda namespace, options: MemoryQueue(namespace),
             create_done_set=lambda namespace, options: MemoryDoneSet(namespace),
             list_loops=_list_loops,
+            has_data=_has_data,
         )
     )
 
@@ -523,3 +656,11 @@ def achihuo_register_backends(register: Any) -> None:
 async def _list_loops(options: Mapping[str, Any]) -> list[str]:
     """The namespaces with data in this process."""
     return sorted(_STORES)
+
+
+async def _has_data(namespace: str, options: Mapping[str, Any]) -> bool:
+    """Whether this process holds anything of ``namespace`` (another process's never shows)."""
+    s = _STORES.get(namespace)
+    return s is not None and bool(
+        s.leased or s.delayed or s.dead or s.done or s.workers or s.counts or len(s.ready) > s.extra
+    )

@@ -26,6 +26,11 @@ RSS, ``VmHWM`` from ``/proc/self/status``, are its own), at the same concurrency
   ``add_task(..., task_name=url, repeat=False)`` for each and ``task_done(url)``;
   seeded with ``/p/0.html``; ``serve(idle_exit=0)``. Redis uses ``--redis-url``
   (default ``$REDIS_URL`` or redis://127.0.0.1:6379/0); its data is cleared after.
+  Politeness is off in these rows (no per-host limit or delay: the loop's defaults).
+* ``achihuo_mini redis, per_host_limit 64`` (unless ``--no-polite``): the Redis row with
+  ``per_host_limit = 64`` held for the whole loop (the concurrency, so it never waits: the
+  row shows what the loop-wide gate costs). Redis rows also report backend round trips per
+  page (the backend counts every call it sends).
 * peers, one row each when its package is importable (``pip install -e ".[bench]"``;
   the script names the ones it skipped): crawlers from other projects doing the same
   crawl at the same concurrency with their own defaults otherwise, their own dedup and
@@ -307,12 +312,24 @@ async def bare_aiohttp(base: str, n: int, concurrency: int) -> int:
     return fetched
 
 
-async def achihuo(base: str, n: int, concurrency: int, backend: str, redis_url: str, tmp: Path) -> int:
-    """Our crawler on ``backend``: repeat=False dedup, task_done, serve(idle_exit=0)."""
+async def achihuo(
+    base: str, n: int, concurrency: int, backend: str, redis_url: str, tmp: Path
+) -> tuple[int, int | None]:
+    """Our crawler on ``backend``: repeat=False dedup, task_done, serve(idle_exit=0).
+
+    Returns the pages fetched and, for Redis, the backend round trips of the crawl.
+    ``backend:nostats`` runs it with the ``stats`` option off (no HTTP statistics, nothing
+    published), to measure what the statistics cost; ``backend:gc`` with ``tune_gc`` on (as
+    ``start`` runs), to measure what tuning the garbage collector gains; ``backend:polite``
+    with ``per_host_limit`` = the concurrency (the per-host gate held for the whole loop)."""
     from _common import unique_name, write_config
 
     from achihuo_mini import AsyncLoop, Item
 
+    backend, _, flag = backend.partition(":")
+    stats = flag != "nostats"
+    tuned = flag == "gc"
+    polite = {"per_host_limit": concurrency} if flag == "polite" else {}
     name = unique_name("crawl")
     config = write_config(tmp / f"{name}.toml", backend, redis_url, tmp / f"{name}.sqlite3")
 
@@ -320,7 +337,15 @@ async def achihuo(base: str, n: int, concurrency: int, backend: str, redis_url: 
         NAME = name
 
         def __init__(self) -> None:
-            super().__init__(concurrency=concurrency, config_file=config, debug=False, progress_interval=0)
+            super().__init__(
+                concurrency=concurrency,
+                config_file=config,
+                debug=False,
+                progress_interval=0,
+                stats=stats,
+                tune_gc=tuned,
+                **polite,
+            )
             self.fetched: set[str] = set()
             self.count = 0
 
@@ -338,15 +363,20 @@ async def achihuo(base: str, n: int, concurrency: int, backend: str, redis_url: 
             self.fetched.add(item.url)
 
     spider = Spider()
+    trips: int | None = None
     try:
         summary = await spider.serve(idle_exit=0)
+        store = spider._AsyncLoop__core.store  # type: ignore[attr-defined]  # the backends it served with
+        trips = getattr(store.raw_queue, "round_trips", None)
+        if trips is not None:
+            trips += store.raw_done.round_trips
     finally:
         await spider.clear_data("all")
     assert summary.failed == 0 and summary.buried == 0, f"{backend}: {summary}"
     assert spider.count == len(spider.fetched) == summary.succeeded, (
         f"{backend}: {spider.count} fetches of {len(spider.fetched)} pages ({summary.succeeded} tasks)"
     )
-    return spider.count
+    return spider.count, trips
 
 
 # -- peers: other projects' crawlers (each in its own child process, like ours) -----------
@@ -527,9 +557,12 @@ def child(args: argparse.Namespace) -> None:
     elif kind == "server":
         result = {"pages": asyncio.run(server_alone(base, n, c))}
     elif kind == "bare":
-        result = {"pages": asyncio.run(bare_aiohttp(base, n, c))}
+        with asyncio.Runner(loop_factory=_loop_factory(args.event_loop)) as runner:
+            result = {"pages": runner.run(bare_aiohttp(base, n, c))}
     else:
-        result = {"pages": asyncio.run(achihuo(base, n, c, kind, args.redis_url, Path(args.tmp)))}
+        with asyncio.Runner(loop_factory=_loop_factory(args.event_loop)) as runner:
+            pages, trips = runner.run(achihuo(base, n, c, kind, args.redis_url, Path(args.tmp)))
+        result = {"pages": pages, "trips": trips}
     wall = time.perf_counter() - started
     r = resource.getrusage(resource.RUSAGE_SELF)
     cpu = r.ru_utime + r.ru_stime - r0.ru_utime - r0.ru_stime
@@ -539,8 +572,19 @@ def child(args: argparse.Namespace) -> None:
 # -- the parent ---------------------------------------------------------------------
 
 
-def measure(kind: str, base: str, args: argparse.Namespace, tmp: Path, server: Nginx) -> dict[str, Any]:
+def _loop_factory(name: str) -> Any:
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
+
+
+def measure(
+    kind: str, base: str, args: argparse.Namespace, tmp: Path, server: Nginx, event_loop: str = "asyncio"
+) -> dict[str, Any]:
     cmd = [sys.executable, str(HERE), "--child", kind, "--url", base, "-n", str(args.pages)]
+    cmd += ["--event-loop", event_loop]
     cmd += ["-c", str(args.concurrency), "--redis-url", args.redis_url, "--tmp", str(tmp)]
     cpu0 = server.cpu()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
@@ -570,7 +614,30 @@ def main() -> None:
         default=list(PEERS),
         help="peer crawlers to run when installed (default: all; none with a bare --peers)",
     )
+    parser.add_argument(
+        "--stats-off",
+        nargs="*",
+        metavar="BACKEND",
+        help="also run these backends with the stats option off (bare: memory), to see what statistics cost",
+    )
+    parser.add_argument(
+        "--tune-gc",
+        nargs="*",
+        metavar="BACKEND",
+        help="also run these backends with tune_gc on, as `start` does (bare: memory)",
+    )
     parser.add_argument("--redis-url", help="default: $REDIS_URL or redis://127.0.0.1:6379/0")
+    parser.add_argument(
+        "--event-loops",
+        nargs="+",
+        choices=["asyncio", "uvloop"],
+        help="event loops of the bare and achihuo_mini rows (default: asyncio, and uvloop when installed); "
+        "each row's ratio is against the bare crawler on the same event loop",
+    )
+    parser.add_argument("--event-loop", default="asyncio", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--no-polite", action="store_true", help="skip the Redis row with per_host_limit (run with redis)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
@@ -588,6 +655,10 @@ def main() -> None:
     peers = [p for p in args.peers if peer_installed(p)]
     missing = sorted({PEERS[p][1] for p in args.peers if p not in peers})
     n, c = args.pages, args.concurrency
+    uvloop_installed = importlib.util.find_spec("uvloop") is not None
+    event_loops = args.event_loops or (["asyncio", "uvloop"] if uvloop_installed else ["asyncio"])
+    if "uvloop" in event_loops and not uvloop_installed:
+        raise SystemExit('--event-loops uvloop: uvloop is not installed (pip install -e ".[fast]")')
     with tempfile.TemporaryDirectory(prefix="achihuo-crawl-") as tmpdir:
         tmp = Path(tmpdir)
         started = time.perf_counter()
@@ -597,17 +668,36 @@ def main() -> None:
         base = server.start()
         try:
             runs = [("server alone (GET known URLs)", measure("server", base, args, tmp, server))]
-            runs.append(("bare aiohttp + Queue + set", measure("bare", base, args, tmp, server)))
-            for backend in args.backends:
-                runs.append((f"achihuo_mini {backend}", measure(backend, base, args, tmp, server)))
+            bares: dict[str, float] = {}
+            baseline = {id(runs[0][1]): "asyncio"}
+            stats_off = [] if args.stats_off is None else args.stats_off or ["memory"]
+            tune_gc = [] if args.tune_gc is None else args.tune_gc or ["memory"]
+            for ev in event_loops:
+                tag = "" if ev == "asyncio" else f" ({ev})"
+                r = measure("bare", base, args, tmp, server, ev)
+                bares[ev] = n / r["wall"]
+                baseline[id(r)] = ev
+                runs.append((f"bare aiohttp + Queue + set{tag}", r))
+                variants = [(b, f"achihuo_mini {b}") for b in args.backends]
+                variants += [(f"{b}:nostats", f"achihuo_mini {b}, stats off") for b in args.backends if b in stats_off]
+                variants += [(f"{b}:gc", f"achihuo_mini {b}, tune_gc") for b in args.backends if b in tune_gc]
+                for kind, label in variants:
+                    r = measure(kind, base, args, tmp, server, ev)
+                    baseline[id(r)] = ev
+                    runs.append((label + tag, r))
+            if "redis" in args.backends and not args.no_polite:
+                r = measure("redis:polite", base, args, tmp, server)
+                baseline[id(r)] = "asyncio"
+                runs.append((f"achihuo_mini redis, per_host_limit {c}", r))
             for peer in peers:
                 r = measure(peer, base, args, tmp, server)
                 runs.append((peer_label(peer, r.get("detail", "")), r))
         finally:
             server.stop()
         server_name = "nginx 1 worker" if server.binary else server.name
-    bare = n / runs[1][1]["wall"]
-    rows = [["crawler", "pages", "pages/s", "CPU s", "peak RSS MiB", "server CPU %", "vs bare aiohttp"]]
+    bare = bares["asyncio"] if "asyncio" in bares else next(iter(bares.values()))
+    rows = [["crawler", "pages", "pages/s", "CPU s", "peak RSS MiB", "server CPU %", "vs bare aiohttp",
+             "round trips/page"]]  # fmt: skip
     notes: list[str] = []
     for label, r in runs:
         rate = r["pages"] / r["wall"]
@@ -622,7 +712,8 @@ def main() -> None:
                 f"{r['cpu']:.2f}",
                 f"{r['rss']:.0f}",
                 f"{100 * r['server_cpu'] / r['wall']:.0f}",
-                f"{rate / bare:.2f}",
+                f"{rate / bares.get(baseline.get(id(r), 'asyncio'), bare):.2f}",
+                f"{r['trips'] / r['pages']:.3f}" if r.get("trips") is not None else "-",
             ]
         )
     print(
@@ -630,6 +721,10 @@ def main() -> None:
         f"{size / 2**20:.0f} MiB, generated in {gen_s:.1f} s), {server_name}, concurrency {c}; {machine()}"
     )
     print(table(rows))
+    print(
+        "vs bare aiohttp: each row against the bare crawler on the same event loop"
+        + ("" if uvloop_installed else '; uvloop is not installed (pip install -e ".[fast]"), so asyncio only')
+    )
     if server_name != "nginx 1 worker":
         print(
             "NOTE: nginx is not installed, so a Python static server served the site: it may be the "
@@ -638,6 +733,10 @@ def main() -> None:
     print(
         "server CPU %: the static server's CPU time during the row / the row's wall time "
         "(well under 100 %: the server is not the bottleneck)"
+    )
+    print(
+        "round trips/page: backend calls (scripts, commands, pipelines) of the whole crawl / pages; "
+        "Redis rows only (the backend counts them)"
     )
     if peers:
         print(

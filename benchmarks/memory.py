@@ -17,6 +17,8 @@ and ``MEMORY USAGE`` summed over the done set's keys: its hash buckets and count
 ``--redis-url``, default ``$REDIS_URL`` or redis://127.0.0.1:6379/0; the keys are
 removed at the end). The baseline is the raw
 16-byte digest. The Redis figures are server-wide deltas: run it on an idle server.
+Each done set is measured twice: names added for ever (``add``), and names added with a
+ttl of 7 days (``add_expiring``, what ``task_done(name, ttl=...)`` and ``done_ttl`` write).
 """
 
 from __future__ import annotations
@@ -101,10 +103,22 @@ def file_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists())
 
 
-async def sqlite_done(n: int, tmp: Path) -> dict[str, float]:
+TTL = 7 * 86400.0
+"""The ttl of the names added with one: a weekly re-crawl."""
+
+
+async def _add(done: Any, keys: list[bytes], ttl: float | None) -> None:
+    for i in range(0, len(keys), BATCH):
+        if ttl is None:
+            await done.add(keys[i : i + BATCH])
+        else:
+            await done.add_expiring([(k, ttl) for k in keys[i : i + BATCH]])
+
+
+async def sqlite_done(n: int, tmp: Path, ttl: float | None = None) -> dict[str, float]:
     from achihuo_mini_backends.sqlite import SqliteDoneSet
 
-    path = tmp / "done.sqlite3"
+    path = tmp / f"done-{ttl}.sqlite3"
     done = SqliteDoneSet(unique_name("bench-memory"), path=path)
     await done.open()
     await done.close()
@@ -113,8 +127,7 @@ async def sqlite_done(n: int, tmp: Path) -> dict[str, float]:
     keys = names(n)
     started = time.perf_counter()
     try:
-        for i in range(0, n, BATCH):
-            await done.add(keys[i : i + BATCH])
+        await _add(done, keys, ttl)
         count = await done.count()
     finally:
         await done.close()
@@ -123,7 +136,7 @@ async def sqlite_done(n: int, tmp: Path) -> dict[str, float]:
     return {"empty": empty, "after": file_bytes(path), "seconds": elapsed}
 
 
-async def redis_done(n: int, redis_url: str) -> dict[str, float]:
+async def redis_done(n: int, redis_url: str, ttl: float | None = None) -> dict[str, float]:
     import redis.asyncio as aredis
 
     from achihuo_mini_backends.redis_backend import RedisDoneSet
@@ -135,8 +148,7 @@ async def redis_done(n: int, redis_url: str) -> dict[str, float]:
     try:
         before = int((await client.info("memory"))["used_memory"])
         started = time.perf_counter()
-        for i in range(0, n, BATCH):
-            await done.add(keys[i : i + BATCH])
+        await _add(done, keys, ttl)
         elapsed = time.perf_counter() - started
         after = int((await client.info("memory"))["used_memory"])
         data_keys = [*done._bucket_keys(keys), done._key("dcount")]
@@ -209,50 +221,30 @@ def main() -> None:
     ]
 
     rows_b = [["done set", "names", "bytes per name", "vs 16-byte digest", "how measured", "add names/s"]]
-    with tempfile.TemporaryDirectory() as tmp:
-        s = asyncio.run(sqlite_done(n, Path(tmp)))
-    rows_b.append(
-        [
-            "sqlite",
-            str(n),
-            f"{s['after'] / n:.1f}",
-            f"{s['after'] / n / DIGEST:.2f}",
-            "file size / N",
-            f"{n / s['seconds']:,.0f}",
-        ]
-    )
-    rows_b.append(
-        [
-            "sqlite",
-            str(n),
-            f"{(s['after'] - s['empty']) / n:.1f}",
-            f"{(s['after'] - s['empty']) / n / DIGEST:.2f}",
-            f"(file size - empty db {s['empty']:,} B) / N",
-            "-",
-        ]
-    )
+    for ttl in (None, TTL):
+        label = "sqlite" if ttl is None else f"sqlite, ttl {ttl / 86400:g} days"
+        with tempfile.TemporaryDirectory() as tmp:
+            s = asyncio.run(sqlite_done(n, Path(tmp), ttl))
+        rows_b.append(
+            [label, str(n), f"{s['after'] / n:.1f}", f"{s['after'] / n / DIGEST:.2f}", "file size / N",
+             f"{n / s['seconds']:,.0f}"]
+        )  # fmt: skip
+        rows_b.append(
+            [label, str(n), f"{(s['after'] - s['empty']) / n:.1f}", f"{(s['after'] - s['empty']) / n / DIGEST:.2f}",
+             f"(file size - empty db {s['empty']:,} B) / N", "-"]
+        )  # fmt: skip
     if not args.no_redis:
-        r = asyncio.run(redis_done(n, args.redis_url))
-        rows_b.append(
-            [
-                "redis",
-                str(n),
-                f"{r['delta'] / n:.1f}",
-                f"{r['delta'] / n / DIGEST:.2f}",
-                "INFO used_memory delta / N",
-                f"{n / r['seconds']:,.0f}",
-            ]
-        )
-        rows_b.append(
-            [
-                "redis",
-                str(n),
-                f"{r['usage'] / n:.1f}",
-                f"{r['usage'] / n / DIGEST:.2f}",
-                f"MEMORY USAGE SAMPLES 0 of its keys / N ({r['encoding']})",
-                "-",
-            ]
-        )
+        for ttl in (None, TTL):
+            label = "redis" if ttl is None else f"redis, ttl {ttl / 86400:g} days"
+            r = asyncio.run(redis_done(n, args.redis_url, ttl))
+            rows_b.append(
+                [label, str(n), f"{r['delta'] / n:.1f}", f"{r['delta'] / n / DIGEST:.2f}",
+                 "INFO used_memory delta / N", f"{n / r['seconds']:,.0f}"]
+            )  # fmt: skip
+            rows_b.append(
+                [label, str(n), f"{r['usage'] / n:.1f}", f"{r['usage'] / n / DIGEST:.2f}",
+                 f"MEMORY USAGE SAMPLES 0 of its keys / N ({r['encoding']})", "-"]
+            )  # fmt: skip
 
     print(f"memory per task and per done name, N = {n}; {machine()}")
     print()

@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,8 @@ import pytest
 
 from achihuo_mini._store import Store
 from achihuo_mini.plugins import registry
+
+from .http_site import Site
 
 BACKENDS = registry.names()
 
@@ -218,3 +220,12 @@ def memory_spiders(tmp_path: Path) -> Iterator[SpiderFactory]:
     factory = SpiderFactory("memory", {}, tmp_path)
     yield factory
     factory.cleanup()
+
+
+@pytest.fixture
+async def site() -> AsyncIterator[Site]:
+    """The local test site (tests/http_site), started for one test."""
+    s = Site()
+    await s.start()
+    yield s
+    await s.stop()

@@ -26,7 +26,7 @@ from achihuo_mini.plugins import BackendSpec, Registry, hookimpl, registry
 class Spider(AsyncLoop):
     NAME = "api-spider"
 
-    async def get_page(self, item: Item) -> None:
+    async def get_page(self, *args: Any) -> None:  # any arguments: these tests check other things
         pass
 
     async def _private(self) -> None:

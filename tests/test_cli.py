@@ -105,7 +105,10 @@ async def test_clear_needs_confirmation(crawl: Any) -> None:
         assert status(c)["done"]["count"] == 5, "nothing cleared without confirmation"
         cleared = cli(c, "clear", "cache", "--yes")  # the seed's name for the done set
         assert cleared.returncode == 0, cleared.stderr
-        assert status(c)["done"]["count"] == 0
+        assert status(c)["done"]["count"] == 0 and status(c)["stats"]["tasks"]["ok"] == 5, "the statistics stay"
+        assert cli(c, "clear", "stats", "--yes").returncode == 0
+        cleared_view = cli(c, "status")  # nothing else was there: the loop has no data now
+        assert cleared_view.returncode == 1 and "no data for loop" in cleared_view.stderr
 
 
 async def test_dead_letters_listed_and_requeued(crawl: Any) -> None:

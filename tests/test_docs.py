@@ -28,10 +28,17 @@ def test_entry_point_group_in_guide_matches() -> None:
 
 
 def test_every_protocol_method_is_in_the_guide() -> None:
-    from achihuo_mini.backend import DoneSetBackend, Notifier, QueueBackend, WorkerRegistry
+    from achihuo_mini.backend import (
+        DoneSetBackend,
+        ExpiringDoneSet,
+        HostSlots,
+        Notifier,
+        QueueBackend,
+        WorkerRegistry,
+    )
 
     text = GUIDE.read_text()
-    for proto in (QueueBackend, DoneSetBackend, WorkerRegistry, Notifier):
+    for proto in (QueueBackend, DoneSetBackend, WorkerRegistry, Notifier, HostSlots, ExpiringDoneSet):
         for name, member in vars(proto).items():
             if callable(member) and not name.startswith("_"):
                 assert re.search(rf"`{name}\(", text), f"{proto.__name__}.{name} is not in docs/plugins.md"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -141,3 +142,21 @@ async def test_tasks_added_from_a_separate_script(site: str, tmp_path: Path) -> 
     assert code == 0, err
     titles = [line for line in out.splitlines() if line.startswith("title:")]
     assert len(titles) == 10, "two pages of five links each; the duplicate add was skipped"
+
+
+@pytest.mark.processes
+async def test_polite_spider_example(site: str, tmp_path: Path) -> None:
+    """The README's polite, incremental crawl: every page once, and a second run within the week finds nothing to do."""
+    config = tmp_path / "polite.toml"
+    config.write_text('[queue]\nbackend = "sqlite"\npath = "polite.sqlite3"\n[done]\nbackend = "sqlite"\n'
+                      'path = "polite.sqlite3"\n')  # fmt: skip
+    env = {"START_URL": site, "ACHIHUO_CONFIG": str(config)}
+    script = ROOT / "examples" / "polite_spider.py"
+    code, out, err = await run_spider(script, "start", "--idle-exit", "0", env=env, timeout=120)
+    assert code == 0, err
+    code, out, err = await run_spider(script, "status", "--json", env=env)
+    assert code == 0, err
+    assert json.loads(out)["done"]["count"] == 61, "the index and its 60 topics, each once"
+    code, out, err = await run_spider(script, "start", "--idle-exit", "0", env=env, timeout=120)
+    assert code == 0, err
+    assert re.search(r"finished in .*: 0 ok", err), "done for a week: the second run fetches nothing"

@@ -63,14 +63,6 @@ def _fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-async def site() -> AsyncIterator[Site]:
-    s = Site()
-    await s.start()
-    yield s
-    await s.stop()
-
-
-@pytest.fixture
 async def proxy() -> AsyncIterator[Proxy]:
     p = Proxy()
     await p.start()

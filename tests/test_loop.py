@@ -321,16 +321,25 @@ async def test_progress_line_and_summary(memory_spiders: SpiderFactory, caplog: 
             await asyncio.sleep(0.01)
             self.ran.append(i)
 
+        async def wait_for_progress(self) -> None:  # runs until the first progress line is out
+            while not any("pages/min" in r.getMessage() for r in caplog.records):
+                await asyncio.sleep(0.05)
+
     caplog.set_level("INFO", logger="achihuo_mini")
-    loop = memory_spiders(Slowish, concurrency=2, heartbeat_interval=0.05, progress_interval=0.1)
+    # honoured below the heartbeat interval too (it used to be checked inside the heartbeat loop)
+    loop = memory_spiders(Slowish, concurrency=2, heartbeat_interval=5, progress_interval=1)
     for i in range(60):
         loop.add_task("tick", i)
+    loop.add_task("wait_for_progress")
     await loop.serve(idle_exit=0)
-    progress = [r.getMessage() for r in caplog.records if "tasks/s;" in r.getMessage()]
+    progress = [r.getMessage() for r in caplog.records if "pages/min" in r.getMessage()]
     assert progress, "a progress line is logged every progress_interval"
     assert "ready" in progress[-1] and "done names" in progress[-1] and "running" in progress[-1]
+    assert "tasks/s" in progress[-1] and "items/min" in progress[-1]
     summary = [r.getMessage() for r in caplog.records if "finished in" in r.getMessage()]
-    assert summary and "60 ok" in summary[-1]
+    assert summary and "61 ok" in summary[-1]
+    table = [r.getMessage() for r in caplog.records if "stats of this worker" in r.getMessage()]
+    assert table and "handler/tick/ok" in table[-1] and "finish_reason" in table[-1]
 
 
 async def test_adds_from_a_task_the_handler_spawned_are_not_lost(memory_spiders: SpiderFactory) -> None:
@@ -438,3 +447,54 @@ async def test_rolling_deploy_leaves_new_handlers_to_workers_that_have_them(spid
     await asyncio.wait_for(new_serving, 30)
     assert new.ran == ["v2 task"]
     assert old_summary.buried == 0 and await _dead_letters(old) == []
+
+
+async def test_tune_gc_raises_the_thresholds_while_serving_and_restores_them(memory_spiders: SpiderFactory) -> None:
+    import gc
+
+    from achihuo_mini.async_loop import GC_THRESHOLDS
+
+    seen: list[tuple[int, ...]] = []
+
+    class Looks(Recorder):
+        async def look(self) -> None:
+            seen.append(gc.get_threshold())
+
+    before = gc.get_threshold()
+    tuned = memory_spiders(Looks, tune_gc=True)
+    tuned.add_task("look")
+    await tuned.serve(idle_exit=0)
+    assert seen == [GC_THRESHOLDS] and gc.get_threshold() == before and gc.get_freeze_count() == 0
+    plain = memory_spiders(Looks)  # embedding: serve() leaves the collector alone unless asked
+    plain.add_task("look")
+    await plain.serve(idle_exit=0)
+    assert seen[-1] == before
+
+
+def test_run_until_idle_runs_on_uvloop_when_installed_unless_told_not_to(memory_spiders: SpiderFactory) -> None:
+    import importlib.util
+
+    from achihuo_mini import ConfigError
+
+    seen: list[str] = []
+
+    class Where(Recorder):
+        async def where(self) -> None:
+            seen.append(type(asyncio.get_running_loop()).__module__.partition(".")[0])
+
+    installed = importlib.util.find_spec("uvloop") is not None
+    default = memory_spiders(Where)
+    default.add_task("where")
+    default.run_until_idle()
+    plain = memory_spiders(Where, uvloop=False)
+    plain.add_task("where")
+    plain.run_until_idle()
+    assert seen == ["uvloop" if installed else "asyncio", "asyncio"]
+    if installed:
+        required = memory_spiders(Where, uvloop=True)
+        required.add_task("where")
+        required.run_until_idle()
+        assert seen[-1] == "uvloop"
+    else:
+        with pytest.raises(ConfigError, match=r'pip install "achihuo_mini\[fast\]"'):
+            memory_spiders(Where, uvloop=True).run_until_idle()

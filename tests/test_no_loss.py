@@ -45,6 +45,8 @@ pytestmark = pytest.mark.processes
 class Crawl:
     """One spider NAME on one backend; starts worker processes and inspects the backend."""
 
+    spider: Path = SPIDER  # the spider file the workers run
+
     def __init__(self, backend: str, options: dict[str, Any], tmp_path: Path, **loop: Any) -> None:
         self.backend = backend
         self.options = options
@@ -92,7 +94,8 @@ class Crawl:
             "EXEC_DIR": str(self.exec_dir),
             **{k: str(v) for k, v in env.items()},
         }
-        proc = subprocess.Popen([sys.executable, str(SPIDER), "start", *args], env=full_env, stdout=log, stderr=log)
+        cmd = [sys.executable, str(self.spider), "start", *args]
+        proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=log)
         log.close()
         self.procs.append(proc)
         self.log_of[proc.pid] = log_path

@@ -72,6 +72,7 @@ EXPECTED_TYPES = {
     "winfo": b"hash",
     "aliases": b"hash",
     "mailbox": b"hash",
+    "stats": b"hash",
 }
 
 
@@ -183,6 +184,7 @@ async def test_every_key_carries_the_hash_tag(
         await q.bury([(a, "boom")])
         await q.retry([(b, 3600)])
         await d.add([name_key("x")])
+        await q.add_counts({"tasks/ok": 1})
         keys = [redis_key(ns, part) for part in KEY_PARTS]
         for part, key in zip(KEY_PARTS, keys, strict=True):
             assert await plain.exists(key) == 1, f"{part} key {key!r} should exist"

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import closing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -63,7 +64,7 @@ async def _done(opened: list[Any], namespace: str, path: Path) -> SqliteDoneSet:
 
 def _check_consistent(path: Path, namespace: str) -> None:
     """The namespace counters and pending counts agree with the rows they summarise."""
-    with sqlite3.connect(path) as c:
+    with closing(sqlite3.connect(path)) as c, c:
         row = c.execute(
             "SELECT id, ready, delayed, leased, dead, done FROM namespaces WHERE name = ?", (namespace.encode(),)
         ).fetchone()
@@ -120,10 +121,9 @@ async def test_file_created_0600_in_wal_mode(db: Path, opened: list[Any]) -> Non
     assert _mode(db.parent) == 0o700
     for suffix in ("-wal", "-shm"):
         assert _mode(db.with_name(db.name + suffix)) == 0o600, suffix
-    with sqlite3.connect(db) as c:
+    with closing(sqlite3.connect(db)) as c, c:
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    c.close()
     assert q.location == str(db) and str(db) in repr(q)
     assert q.durability == "always", "synchronous = FULL: a commit survives a power loss"
 
@@ -200,9 +200,8 @@ async def test_two_namespaces_in_one_file(db: Path, opened: list[Any]) -> None:
 async def test_newer_schema_is_refused(db: Path, opened: list[Any]) -> None:
     q = await _queue(opened, "x", db)
     await q.close()
-    with sqlite3.connect(db) as c:
+    with closing(sqlite3.connect(db)) as c, c:
         c.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    c.close()
     before = set(threading.enumerate())
     with pytest.raises(BackendError, match=rf"schema version {SCHEMA_VERSION + 1} .*newer achihuo_mini") as info:
         await SqliteQueue("x", path=db).open()
@@ -213,9 +212,8 @@ async def test_newer_schema_is_refused(db: Path, opened: list[Any]) -> None:
 
 async def test_foreign_database_is_refused(db: Path) -> None:
     db.parent.mkdir()
-    with sqlite3.connect(db) as c:
+    with closing(sqlite3.connect(db)) as c, c:
         c.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
-    c.close()
     with pytest.raises(BackendError, match="another application"):
         await SqliteQueue("x", path=db).open()
 
@@ -295,7 +293,7 @@ async def test_lock_wait_happens_off_the_event_loop(db: Path, opened: list[Any])
 def test_hot_queries_use_indexes(tmp_path: Path) -> None:
     path = tmp_path / "plan.sqlite3"
     asyncio.run(_create(path))
-    with sqlite3.connect(path) as c:
+    with closing(sqlite3.connect(path)) as c, c:
         for name in dir(sqlite_backend):
             if not name.startswith("SQL_") or not name.isupper():
                 continue
@@ -314,16 +312,16 @@ def test_batch_statements_use_indexes(tmp_path: Path) -> None:
     asyncio.run(_create(path))
     rows = {"BATCH_HELD": "(?, ?, ?, ?)", "BATCH_INSERT": "(?, ?, ?, ?, ?)", "BATCH_PENDING_ADD": "(?, ?, ?)"}
     rows["BATCH_DONE_ADD"] = "(?, ?)"
+    rows["BATCH_DONE_EXPIRE"] = "(?, ?, ?)"
     names = [name for name in dir(sqlite_backend) if name.startswith("BATCH_")]
-    assert len(names) == 10
-    with sqlite3.connect(path) as c:
+    assert len(names) == 13
+    with closing(sqlite3.connect(path)) as c, c:
         for name in names:
             sql = sqlite_backend._batch(getattr(sqlite_backend, name), 4, rows.get(name, "?"))
             plan = [r[3] for r in c.execute("EXPLAIN QUERY PLAN " + sql, (1,) * sql.count("?"))]
             scans = [step for step in plan if re.match(r"SCAN (tasks|pending|done|dead|namespaces)\b", step)]
             assert not scans, f"{name}: {plan}"
             assert "TEMP B-TREE" not in " | ".join(plan), f"{name}: {plan}"
-    c.close()
 
 
 async def _create(path: Path) -> None:

@@ -14,6 +14,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -171,11 +172,10 @@ async def test_a_bad_task_does_not_stall_a_real_loop(sqlite_spiders: SpiderFacto
     q = SqliteQueue(loop.NAME, path=db)  # creates the file, as another program might have
     await q.open()
     try:
-        with sqlite3.connect(db, isolation_level=None) as conn:
+        with closing(sqlite3.connect(db, isolation_level=None)) as conn, conn:
             (ns,) = conn.execute("SELECT id FROM namespaces WHERE name = ?", (loop.NAME.encode(),)).fetchone()
             conn.execute("INSERT INTO tasks (ns, payload, pos) VALUES (?, 42, -1)", (ns,))
             conn.execute("UPDATE namespaces SET ready = ready + 1 WHERE id = ?", (ns,))
-        conn.close()
         summary = await asyncio.wait_for(loop.serve(idle_exit=0.2), 30)
         assert summary.exit_code == 0 and summary.succeeded == 20
         assert await q.stats() == QueueStats(ready=0, delayed=0, leased=0, dead=1)

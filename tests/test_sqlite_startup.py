@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,8 @@ async def test_open_waits_for_a_writer_of_a_new_file(tmp_path: Path) -> None:
         release.join()
         holder.close()
         await q.close()
-    with sqlite3.connect(path) as c:
+    with closing(sqlite3.connect(path)) as c, c:
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    c.close()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ Use it from a plugin package's tests::
 
 Tests run with pytest-asyncio (``asyncio_mode = "auto"``). Each test uses fresh
 namespaces and clears what it created. Registry and notifier tests run only when
-the queue declares those abilities (``WorkerRegistry``, ``Notifier``).
+the queue declares those abilities (``WorkerRegistry``, ``Notifier``, ``CounterStore``).
 """
 
 from __future__ import annotations
@@ -24,14 +24,17 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from ..backend import (
     Commit,
+    CounterStore,
     DoneSetBackend,
+    ExpiringDoneSet,
+    HostSlots,
     Lease,
     NewTask,
     Notifier,
@@ -41,27 +44,13 @@ from ..backend import (
     name_key,
 )
 from ..plugins import build_backend_options, registry
+from .contract_abilities import ExpiringDoneSetContract, HostSlotsContract
+from .counters import CounterContract
+from .helpers import wait_until
 
 __all__ = ["BackendContract", "Backends", "wait_until"]
 
 K = name_key
-
-
-async def wait_until(
-    predicate: Callable[[], Awaitable[bool]],
-    timeout: float = 10.0,
-    interval: float = 0.01,
-    describe: Callable[[], str] | None = None,
-) -> None:
-    """Poll an async predicate until it is true; fail the test after ``timeout`` seconds
-    (with ``describe()`` in the message: logs that explain why)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if await predicate():
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s" + (f"\n{describe()}" if describe else ""))
-        await asyncio.sleep(interval)
 
 
 class Backends:
@@ -99,6 +88,8 @@ class Backends:
                     if isinstance(b, WorkerRegistry):
                         for w in await b.workers():
                             await b.unregister(w.worker)
+                    if isinstance(b, CounterStore):
+                        await b.clear_counts()
                 else:
                     await b.clear()
             finally:
@@ -118,8 +109,12 @@ async def _drain(q: QueueBackend, worker: str = "w1") -> list[bytes]:
     return out
 
 
-class BackendContract:
-    """Inherit and provide the ``backend_name`` and ``backend_options`` fixtures."""
+class BackendContract(CounterContract, ExpiringDoneSetContract, HostSlotsContract):
+    """Inherit and provide the ``backend_name`` and ``backend_options`` fixtures.
+
+    The tests of the optional abilities come from the base classes and run only where the
+    backend declares them (``WorkerRegistry``, ``Notifier``, ``CounterStore``, ``HostSlots`` on
+    the queue, ``ExpiringDoneSet`` on the done set)."""
 
     @pytest.fixture
     def backend_options(self) -> dict[str, Any]:
@@ -149,14 +144,16 @@ class BackendContract:
         assert isinstance(queue.location, str) and queue.location
         assert queue.shares_done_set(done), "a queue and done set of one backend and namespace must share"
 
-    async def test_abilities_are_declared_completely(self, queue: QueueBackend) -> None:
-        """A queue that implements part of an ability would silently lose it (isinstance fails): name the gap."""
-        for ability in (WorkerRegistry, Notifier):
+    async def test_abilities_are_declared_completely(self, queue: QueueBackend, done: DoneSetBackend) -> None:
+        """A backend that implements part of an ability would silently lose it (isinstance fails): name the gap."""
+        abilities = ((queue, WorkerRegistry), (queue, Notifier), (queue, HostSlots), (queue, CounterStore),
+                     (done, ExpiringDoneSet))  # fmt: skip
+        for target, ability in abilities:
             methods = [name for name in vars(ability) if not name.startswith("_") and callable(vars(ability)[name])]
-            present = [m for m in methods if callable(getattr(queue, m, None))]
+            present = [m for m in methods if callable(getattr(target, m, None))]
             missing = sorted(set(methods) - set(present))
             assert not present or not missing, (
-                f"{type(queue).__name__} implements part of {ability.__name__} ({', '.join(sorted(present))}) "
+                f"{type(target).__name__} implements part of {ability.__name__} ({', '.join(sorted(present))}) "
                 f"but not {', '.join(missing)}: the loop would treat it as not having the ability at all"
             )
 
@@ -284,6 +281,23 @@ class BackendContract:
         commit = Commit(lease, done=[K("c")], children=[_task("c", key=K("c"), unique=True)])
         assert await queue.commit([commit]) == 1
         assert await _drain(queue) == [], "done names of the commit apply before its children"
+
+    async def test_children_pushed_counts_what_commits_enqueued(
+        self, queue: QueueBackend, done: DoneSetBackend
+    ) -> None:
+        """Optional ``children_pushed`` counter (the loop's "added" vs "skipped"): only enqueued children count."""
+        if not hasattr(queue, "children_pushed"):
+            return  # the loop then counts every child of an applied commit as added
+        await queue.push([_task("a"), _task("b"), _task("taken", key=K("taken"), unique=True)])
+        await done.add([K("done")])
+        la, lb, _ = await queue.reserve("w1", 3)
+        before = queue.children_pushed
+        children = [_task("n1", key=K("n1"), unique=True), _task("n1 again", key=K("n1"), unique=True),
+                    _task("d", key=K("done"), unique=True), _task("t", key=K("taken"), unique=True), _task("free")]
+        stale = Lease(lb.task_id, lb.payload, lb.key, "other", lb.attempt, lb.failures)
+        assert await queue.commit([Commit(la, children=children), Commit(stale, children=[_task("x")])]) == 1
+        # n1 and free: not the duplicate, the done one, the pending one, nor a fenced commit's child
+        assert queue.children_pushed - before == 2
 
     async def test_commit_batch(self, queue: QueueBackend, done: DoneSetBackend) -> None:
         await queue.push([_task(i, key=K(str(i))) for i in range(50)])

@@ -31,13 +31,21 @@ workers     HASH    worker → alias, role, ttl, last heartbeat (server clock)
 winfo       HASH    worker → published info (JSON)
 aliases     HASH    alias → worker
 mailbox     HASH    worker → pending commands (msgpack list)
+h:<host>    HASH    per-host slots and turns (``HostSlots``): ``next`` → the host's
+                    next free start (ms), ``w:<worker>`` → ``<slots>:<held until
+                    ms>:<waiting until ms>``; the key expires when all has passed
 ==========  ======  =========================================================
 
 The done set
 ------------
 A done name is its 16-byte digest, stored in one of 65 536 HASH buckets: the key
 ends in ``d:`` + the digest's first 2 bytes (raw), the field is the other 14 bytes,
-the value is empty. Small hashes are kept as a listpack (ziplist before Redis 7),
+the value is empty -- or, for a name done with a ttl (``ExpiringDoneSet``), the second
+of the server clock its ttl ends, in decimal (Redis stores it as an integer: about 4
+bytes more, 31.7 bytes per name at 1 000 000 names with ttls). A name whose second has
+come is not done; it stays stored (and counted) until it is written again or removed.
+An entry that is neither counts as done for ever, with a warning, and the next write
+makes it so. Small hashes are kept as a listpack (ziplist before Redis 7),
 about 18 bytes per name plus the bucket's key: 28 bytes per name at 1 000 000
 names (``INFO used_memory`` delta; the one SET of earlier versions took 72, and
 2^17 buckets 34). ``dcount`` is kept exact from the ``HSETNX``/``HDEL`` replies in
@@ -229,8 +237,25 @@ def achihuo_register_backends(register: Any) -> None:
             create_done_set=lambda namespace, options: RedisDoneSet(namespace, **_options(options)),
             options=OPTIONS,
             list_loops=_list_loops,
+            has_data=_has_data,
         )
     )
+
+
+HAS_DATA_PARTS = ("tasks", "ready", "delayed", "leased", "dead", "dcount", LEGACY_DONE_PART, "workers", "stats")
+"""A loop has data when any of these keys exists (one ``EXISTS``, all in the loop's slot)."""
+
+
+async def _has_data(namespace: str, options: Mapping[str, Any]) -> bool:
+    """Whether the loop has tasks, dead letters, done names or workers here (reads only)."""
+    opts = _options(options)
+    probe = RedisDoneSet(namespace, **opts)  # only its connection is used
+    await probe.open()
+    try:
+        keys = [redis_key(namespace, part, opts["prefix"]) for part in HAS_DATA_PARTS]
+        return bool(await probe._run(probe._redis.exists(*keys)))
+    finally:
+        await probe.close()
 
 
 async def _list_loops(options: Mapping[str, Any]) -> list[str]:

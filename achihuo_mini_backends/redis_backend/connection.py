@@ -47,7 +47,8 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 SCRIPTS = (
     "push", "reserve", "commit", "release", "retry", "bury", "dead_letters", "requeue",
     "stats", "clear", "peek", "register", "heartbeat", "unregister", "recover", "workers", "send", "leases",
-    "done_add", "done_contains", "done_remove", "done_clear", "done_count",
+    "done_add", "done_contains", "done_remove", "done_clear", "done_count", "counts",
+    "done_expire", "hosts",
 )  # fmt: skip
 
 MAX_DELAY_MS = 1e13

@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, cast
 
-from .connection import RedisBackend, chunks, log
+from .connection import RedisBackend, chunks, delay_ms, log
 from .keys import LEGACY_DONE_PART, all_bucket_keys
 
 __all__ = ["RedisDoneSet"]
@@ -18,7 +18,8 @@ CLEAR_STEP = 8192
 
 
 class RedisDoneSet(RedisBackend):
-    """:class:`~achihuo_mini.backend.DoneSetBackend`: 16-byte digests in 65 536 hash buckets per loop.
+    """:class:`~achihuo_mini.backend.DoneSetBackend` (and ``ExpiringDoneSet``): 16-byte digests in 65 536
+    hash buckets per loop.
 
     Every method is one script call per step of STEP_ITEMS names; see the package
     docstring for the layout and :meth:`open` for the move from the old one-SET layout.
@@ -74,6 +75,17 @@ class RedisDoneSet(RedisBackend):
     async def add(self, keys: Sequence[bytes]) -> int:
         """How many keys were new."""
         return sum([await self._call("done_add", part, part, int) for part in chunks(keys)])
+
+    async def add_expiring(self, items: Sequence[tuple[bytes, float]]) -> int:
+        """Add keys done for ``ttl`` seconds each (server clock, the end rounded up to a second);
+        how many were not done before. The bucket field holds the second the ttl ends."""
+        n = 0
+        for part in chunks(items):
+            args: list[Any] = []
+            for key, ttl in part:
+                args += [key, delay_ms(ttl)]
+            n += await self._call("done_expire", args, [key for key, _ in part], int)
+        return n
 
     async def contains(self, keys: Sequence[bytes]) -> list[bool]:
         """Membership of each key, in order."""

@@ -15,6 +15,7 @@ __all__ = [
     "BUCKET_BYTES",
     "BUCKET_PART",
     "DEFAULT_PREFIX",
+    "HOST_PART",
     "KEY_PARTS",
     "LEGACY_DONE_PART",
     "bucket_keys",
@@ -27,7 +28,7 @@ DEFAULT_PREFIX = "achihuo"
 
 KEY_PARTS = (
     "seq", "tasks", "meta", "ready", "delayed", "leased", "pending",
-    "dcount", "dead", "wake", "workers", "winfo", "aliases", "mailbox",
+    "dcount", "dead", "wake", "workers", "winfo", "aliases", "mailbox", "stats",
 )  # fmt: skip
 """The fixed keys of a loop, in the order scripts receive them in ``KEYS``.
 
@@ -40,6 +41,8 @@ BUCKET_BYTES = 2
 """Digest bytes that pick a done-set bucket: 256 ** 2 = 65 536 buckets."""
 LEGACY_DONE_PART = "done"
 """The done set of earlier versions: one SET of digests, moved into the buckets at open."""
+HOST_PART = "h:"
+"""Per-host slot and turn keys are ``redis_key(NAME, HOST_PART + host)`` (a HASH each, with an expiry)."""
 
 
 def escape_namespace(namespace: str) -> str:

@@ -10,11 +10,23 @@ commit keeps its guarantees across steps).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from achihuo_mini.backend import Commit, DeadLetter, DoneSetBackend, Lease, NewTask, QueueStats, WorkerInfo
-from achihuo_mini.backend_kit import alias_order, worker_info
+from achihuo_mini.backend import (
+    COUNTS_LIMIT,
+    Commit,
+    DeadLetter,
+    DoneSetBackend,
+    HostAsk,
+    HostGrant,
+    Lease,
+    NewTask,
+    QueueStats,
+    WorkerInfo,
+)
+from achihuo_mini.backend_kit import alias_order, counter_ok, merge_counts, worker_info
 from achihuo_mini.masking import mask_secrets
 
 from .connection import (
@@ -32,6 +44,7 @@ from .connection import (
     wid,
 )
 from .done_set import RedisDoneSet
+from .keys import HOST_PART
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -99,10 +112,18 @@ def _token(lease: Lease) -> bytes:
 
 
 def _entry(
-    lease: Lease, undone: Sequence[bytes], done: Sequence[bytes], children: Sequence[NewTask], ack: bool
+    lease: Lease,
+    undone: Sequence[bytes],
+    done: Sequence[bytes],
+    children: Sequence[NewTask],
+    ack: bool,
+    expiring: Sequence[tuple[bytes, float]] = (),
 ) -> list[Any]:
     """One entry of the ``commit`` script's batch."""
-    return [lease.task_id, _token(lease), list(undone), list(done), _task_list(children), lease.key or b"", int(ack)]
+    entry = [lease.task_id, _token(lease), list(undone), list(done), _task_list(children), lease.key or b"", int(ack)]
+    if expiring:
+        entry.append([x for key, ttl in expiring for x in (key, delay_ms(ttl))])
+    return entry
 
 
 def _leases(result: Any, worker: str, limit: int) -> list[Lease]:
@@ -133,6 +154,16 @@ def _dead_letters(result: Any) -> tuple[int, list[DeadLetter], int]:
 
 def _ints(result: Any) -> list[int]:
     return [int(x) for x in result]
+
+
+def _grants(result: Any) -> list[HostGrant]:
+    """Five numbers per host: granted, held, workers, ms until the first turn, turns."""
+    flat = [int(x) for x in result]
+    if len(flat) % 5:
+        raise ValueError("a hosts reply is five numbers per host")
+    return [
+        HostGrant(flat[i], flat[i + 1], flat[i + 2], flat[i + 3] / 1000.0, flat[i + 4]) for i in range(0, len(flat), 5)
+    ]
 
 
 class RedisQueue(RedisBackend):
@@ -200,19 +231,19 @@ class RedisQueue(RedisBackend):
         items = size = 0
         big: list[Commit] = []
         for c in commits:
-            n = 2 + len(c.undone) + len(c.done) + len(c.children)  # the ack costs about two names
+            n = 2 + len(c.undone) + len(c.done) + len(c.expiring) + len(c.children)  # an ack costs about two names
             b = sum(len(t.payload) for t in c.children)
             if n > STEP_ITEMS or b > STEP_BYTES:
                 big.append(c)
                 continue
             if group and (items + n > STEP_ITEMS or size + b > STEP_BYTES):
-                applied += await self._call("commit", [pack(group)], digests, int)
+                applied += await self._commit(group, digests)
                 group, digests, items, size = [], [], 0, 0
-            group.append(_entry(c.lease, c.undone, c.done, c.children, ack=True))
-            digests += [*c.undone, *c.done, *_unique_keys(c.children)]
+            group.append(_entry(c.lease, c.undone, c.done, c.children, ack=True, expiring=c.expiring))
+            digests += [*c.undone, *c.done, *(key for key, _ in c.expiring), *_unique_keys(c.children)]
             items, size = items + n, size + b
         if group:
-            applied += await self._call("commit", [pack(group)], digests, int)
+            applied += await self._commit(group, digests)
         for c in big:
             applied += await self._commit_in_steps(c)
         return applied
@@ -222,11 +253,24 @@ class RedisQueue(RedisBackend):
         steps: list[tuple[list[Any], Sequence[bytes]]] = []
         steps += [(_entry(lease, part, (), (), ack=False), part) for part in chunks(c.undone)]
         steps += [(_entry(lease, (), part, (), ack=False), part) for part in chunks(c.done)]
+        steps += [
+            (_entry(lease, (), (), (), ack=False, expiring=part), [key for key, _ in part])
+            for part in chunks(c.expiring)
+        ]
         steps += [(_entry(lease, (), (), part, ack=False), _unique_keys(part)) for part in _steps(c.children)]
         for entry, digests in steps:
-            if not await self._call("commit", [pack([entry])], digests, int):
+            if not await self._commit([entry], digests):
                 return 0  # the lease is gone: fenced from here on
-        return await self._call("commit", [pack([_entry(lease, (), (), (), ack=True)])], (), int)
+        return await self._commit([_entry(lease, (), (), (), ack=True)], ())
+
+    children_pushed = 0
+    """Children this object's commits enqueued (unique ones skipped as done or pending are not counted)."""
+
+    async def _commit(self, entries: list[list[Any]], digests: Sequence[bytes]) -> int:
+        """One ``commit`` script call; returns how many entries applied."""
+        applied, pushed = await self._call("commit", [pack(entries)], digests, _ints)
+        self.children_pushed += pushed
+        return applied
 
     async def release(self, leases: Sequence[Lease], delay: float = 0.0) -> int:
         """Give held leases back, no failure counted: to the head in order, or after ``delay`` at the tail."""
@@ -324,6 +368,45 @@ class RedisQueue(RedisBackend):
         """Remove the worker, free its alias and release its leases to the head."""
         await self._call("unregister", [wid(worker)])
 
+    # -- CounterStore ------------------------------------------------------------------
+
+    async def add_counts(self, counts: Mapping[str, int]) -> None:
+        """Add to the loop's counters, one script call per 500 (``max/``, ``min/`` names keep the extreme)."""
+        items = list(counts.items())
+        merge_counts({}, dict(items))  # refuses bad names and values before anything is sent
+        for first in range(0, len(items), 500):
+            args: list[Any] = ["add"]
+            for name, value in items[first : first + 500]:
+                args += [name.encode("utf-8", "surrogatepass"), str(value)]
+            await self._call("counts", args, parse=int)
+
+    async def counts(self) -> dict[str, int]:
+        """The loop's counters, read in HSCAN steps; a field that is not a short name with an integer is skipped."""
+        found: dict[str, int] = {}
+        skipped = 0
+        cursor = b"0"
+        while len(found) < COUNTS_LIMIT:
+            cursor, flat = await self._call("counts", ["read", cursor, 1000], parse=lambda r: (r[0], list(r[1])))
+            for raw_name, raw_value in zip(flat[0::2], flat[1::2], strict=True):
+                try:
+                    name = bytes(raw_name).decode("utf-8")
+                    value = int(bytes(raw_value))
+                except (TypeError, ValueError):
+                    skipped += 1
+                    continue
+                if counter_ok(name, value):
+                    found[name] = value
+                else:
+                    skipped += 1
+            if bytes(cursor) in (b"0", b""):
+                break
+        if skipped:
+            log.warning("%s: skipped %d unreadable counters of loop %r", self, skipped, self.namespace)
+        return dict(itertools.islice(found.items(), COUNTS_LIMIT))
+
+    async def clear_counts(self) -> None:
+        await self._call("counts", ["clear"], parse=int)
+
     async def workers(self) -> list[WorkerInfo]:
         """Registered workers ordered by alias (``m2`` before ``m10``), ages in the server clock.
 
@@ -366,6 +449,22 @@ class RedisQueue(RedisBackend):
         worker whose record is unreadable counts as dead.
         """
         return await self._call("recover", parse=int)
+
+    # -- per-host slots -------------------------------------------------------
+
+    async def claim_hosts(self, worker: str, asks: Sequence[HostAsk], ttl: float, wait: float) -> list[HostGrant]:
+        """Release, take slots and reserve turns per host (one script call per STEP_ITEMS hosts).
+
+        Each host is one HASH key with an expiry (see ``lua/hosts.lua``), all under the
+        loop's hash tag; times are the server's."""
+        grants: list[HostGrant] = []
+        for part in chunks(asks):
+            args: list[Any] = [wid(worker), ms(ttl), ms(wait)]
+            for a in part:
+                args += [max(a.slots, 0), max(a.limit, 0), max(a.release, 0), max(a.turns, 0), delay_ms(a.delay)]
+            keys = [self._key(HOST_PART + a.host) for a in part]
+            grants += await self._call("hosts", args, parse=_grants, keys=keys)
+        return grants
 
     # -- notifier -------------------------------------------------------------
 

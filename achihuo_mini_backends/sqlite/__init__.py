@@ -52,8 +52,9 @@ keyed by a namespace id from the ``namespaces`` table, and every index starts
 with it. The schema carries ``PRAGMA user_version`` (refused when newer than
 this code knows) and ``PRAGMA application_id`` (a foreign database is refused).
 
-Schema (version 1, ``schema.sql``)
-----------------------------------
+Schema (version 2, ``schema.sql``; a version 1 file is upgraded by ``migrate_2.sql`` in the
+transaction that opens it)
+----------------------------------------------------------------------------------------
 ``namespaces(id, name, ready, delayed, leased, dead, done)``
     one row per loop NAME (UTF-8 bytes), with the counters that make
     :meth:`SqliteQueue.stats` and :meth:`SqliteDoneSet.count` O(1); they are
@@ -65,12 +66,17 @@ Schema (version 1, ``schema.sql``)
     task id is never reused, even after a clear (fencing tokens stay unambiguous).
     Partial indexes ``(ns, pos)``, ``(ns, due)``, ``(ns, worker)`` make reserve,
     promotion and recovery O(limit log n).
-``pending(ns, key, n)``, ``done(ns, key)``
-    per-key pending counts (rows with ``n = 0`` are deleted) and the done set.
+``pending(ns, key, n)``, ``done(ns, key, expires)``
+    per-key pending counts (rows with ``n = 0`` are deleted) and the done set; ``expires``
+    is the unix time a name stops counting as done (``NULL``: for ever; names whose time has
+    passed are swept a few at a time by each ``add_expiring``, via a partial index).
 ``dead(id, ns, task_id, payload, key, error, failures)``
     dead letters in burial order.
 ``workers(ns, worker, alias, role, info, last_seen, ttl)``, ``mailbox(id, ns, worker, command)``
     the worker registry (``info`` is JSON text) and the command mailboxes.
+``host_slots(ns, host, worker, n, expires, waiting)``, ``host_turns(ns, host, next_start)``
+    per-host slots held until ``expires`` and the next free request start of each host
+    (the ``HostSlots`` ability, :mod:`.hosts`); rows past their times are deleted.
 
 Modules
 -------
@@ -79,7 +85,8 @@ Modules
 ``rows``        checks for rows read back (untrusted)
 ``queue``       :class:`SqliteQueue`
 ``registry``    its worker registry and idle-wait notifier
-``done``        :class:`SqliteDoneSet`
+``hosts``       its per-host slots (``HostSlots``)
+``done``        :class:`SqliteDoneSet` (with ``ExpiringDoneSet``)
 """
 
 from __future__ import annotations
@@ -94,6 +101,7 @@ from .connection import (
     MIN_SQLITE_VERSION,
     OPTIONS,
     SCHEMA_VERSION,
+    has_data,
     list_loops,
 )
 from .done import SqliteDoneSet
@@ -138,5 +146,6 @@ def achihuo_register_backends(register: Callable[[BackendSpec], None]) -> None:
             create_done_set=_create_done_set,
             options=OPTIONS,
             list_loops=list_loops,
+            has_data=lambda namespace, options: has_data(namespace, _options(options)),
         )
     )

@@ -36,22 +36,30 @@ from .rows import decode_text, log
 MIN_SQLITE_VERSION = (3, 24, 0)
 """Oldest SQLite library this backend runs on (UPSERT with a conflict target)."""
 
-SCHEMA_VERSION = 1
-"""Stored in ``PRAGMA user_version``; a file with a newer version is refused."""
+SCHEMA_VERSION = 2
+"""Stored in ``PRAGMA user_version``; a file with a newer version is refused, an older one upgraded."""
 
 APPLICATION_ID = 0x4143484D
 """``PRAGMA application_id`` of an achihuo_mini database (ASCII ``ACHM``)."""
 
-SCHEMA: tuple[str, ...] = tuple(
-    statement.strip()
-    for statement in "\n".join(
-        line
-        for line in importlib.resources.files(__package__).joinpath("schema.sql").read_text("utf-8").splitlines()
-        if not line.lstrip().startswith("--")
-    ).split(";")
-    if statement.strip()
-)
-"""The statements of ``schema.sql`` (package data), in order."""
+def _statements(file: str) -> tuple[str, ...]:
+    """The statements of a ``.sql`` file of this package, in order (comment lines dropped)."""
+    return tuple(
+        statement.strip()
+        for statement in "\n".join(
+            line
+            for line in importlib.resources.files(__package__).joinpath(file).read_text("utf-8").splitlines()
+            if not line.lstrip().startswith("--")
+        ).split(";")
+        if statement.strip()
+    )
+
+
+SCHEMA: tuple[str, ...] = _statements("schema.sql")
+"""The statements of ``schema.sql`` (package data): a new file's schema, version :data:`SCHEMA_VERSION`."""
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {2: _statements("migrate_2.sql")}
+"""Version -> the statements that upgrade a file of the version before it (in one write transaction)."""
 
 OPTIONS: dict[str, Option] = {
     "path": Option(
@@ -254,11 +262,18 @@ class _SqliteStore:
         return self._write(conn, self._prepare_in_transaction)
 
     def _prepare_in_transaction(self, conn: sqlite3.Connection) -> int:
-        if self._schema_version(conn) == 0:
+        version = self._schema_version(conn)
+        if version == 0:
             for statement in SCHEMA:
                 conn.execute(statement)
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif version < SCHEMA_VERSION:  # an older file: upgraded in this same transaction
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[step]:
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            log.info("SQLite %s: upgraded the schema from version %d to %d", self.location, version, SCHEMA_VERSION)
         name = self.namespace.encode("utf-8", "surrogatepass")
         conn.execute("INSERT OR IGNORE INTO namespaces (name) VALUES (?)", (name,))
         return int(conn.execute("SELECT id FROM namespaces WHERE name = ?", (name,)).fetchone()[0])
@@ -373,6 +388,41 @@ async def list_loops(options: Mapping[str, Any]) -> list[str]:
     path = options.get("path")
     files = [Path(path)] if path is not None else sorted(default_data_dir().glob("*.sqlite3"))
     return await asyncio.to_thread(_names_in, files)
+
+
+async def has_data(namespace: str, options: Mapping[str, Any]) -> bool:
+    """Whether the loop has tasks, dead letters, done names or workers in its file (read-only)."""
+    path = options.get("path")
+    file = Path(path) if path is not None else default_data_dir() / (safe_filename(namespace) + ".sqlite3")
+    return await asyncio.to_thread(_has_data, file, namespace)
+
+
+def _has_data(file: Path, namespace: str) -> bool:
+    if not file.exists():
+        return False
+    try:  # read-only: asking never creates or changes a file
+        conn = sqlite3.connect(f"{file.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+    except sqlite3.Error:
+        return True  # it exists but cannot be read: opening it says why
+    try:
+        row = conn.execute(
+            "SELECT id, ready + delayed + leased + dead + done FROM namespaces WHERE name = ?",
+            (namespace.encode("utf-8", "surrogatepass"),),
+        ).fetchone()
+        if row is None:
+            return False
+        if type(row[1]) is not int or row[1] != 0:
+            return True  # counted data, or counters it cannot trust
+        if conn.execute("SELECT 1 FROM workers WHERE ns = ? LIMIT 1", (row[0],)).fetchone() is not None:
+            return True
+        try:
+            return conn.execute("SELECT 1 FROM counters WHERE ns = ? LIMIT 1", (row[0],)).fetchone() is not None
+        except sqlite3.OperationalError:
+            return False  # a version-1 file: no statistics yet
+    except sqlite3.Error:
+        return True  # not ours, damaged or locked: opening it says which
+    finally:
+        conn.close()
 
 
 def _names_in(files: Sequence[Path]) -> list[str]:

@@ -22,7 +22,8 @@ from achihuo_mini.backend import (
     QueueStats,
 )
 
-from .done import SqliteDoneSet, add_done, remove_done
+from .done import SqliteDoneSet, add_done, add_expiring, remove_done
+from .hosts import _HostSlots
 from .registry import _Registry
 from .rows import (
     as_blob,
@@ -64,8 +65,8 @@ BURY_LIMIT = 1_000
 """At most this many unreadable ready tasks are moved to the dead letters in one ``reserve``."""
 
 
-class SqliteQueue(_Registry):
-    """SQLite :class:`~achihuo_mini.backend.QueueBackend` with the registry and notifier abilities.
+class SqliteQueue(_Registry, _HostSlots):
+    """SQLite :class:`~achihuo_mini.backend.QueueBackend` with the registry, notifier and host-slot abilities.
 
     ``SqliteQueue(namespace, path=None, busy_timeout=30.0, poll_interval=0.05)``;
     ``path=None`` is ``$XDG_DATA_HOME/achihuo_mini/<NAME>.sqlite3``.
@@ -155,8 +156,9 @@ class SqliteQueue(_Registry):
         ns = self._ns
         found: set[bytes] = set()
         if keys:
+            now = time.time()
             for chunk in _chunks(list(dict.fromkeys(keys))):
-                row = c.execute(_batch(BATCH_BLOCKED, len(chunk)), (ns, *chunk, ns, *chunk)).fetchone()
+                row = c.execute(_batch(BATCH_BLOCKED, len(chunk)), (ns, *chunk, ns, *chunk, now)).fetchone()
                 if row[0] is not None:
                     found.update(map(bytes.fromhex, str(row[0]).split(",")))
         return found
@@ -243,14 +245,19 @@ class SqliteQueue(_Registry):
         """Ack held leases, apply their done/undone keys and push their children, in one transaction."""
         if not commits:
             return 0
-        return self._woken(await self._call(self._t_commit, list(commits)))
+        applied, pushed = await self._call(self._t_commit, list(commits))
+        self.children_pushed += pushed  # once the transaction is committed
+        return self._woken(applied)
 
-    def _t_commit(self, c: sqlite3.Connection, commits: Sequence[Commit]) -> int:
+    children_pushed = 0
+    """Children this object's commits enqueued (unique ones skipped as done or pending are not counted)."""
+
+    def _t_commit(self, c: sqlite3.Connection, commits: Sequence[Commit]) -> tuple[int, int]:
         """Three phases (see ``QueueBackend.commit``), each a few set-based statements for the whole batch."""
         mask = self._held_mask(c, [commit.lease for commit in commits])
         applied = [commit for commit, held in zip(commits, mask, strict=True) if held]
         if not applied:
-            return 0
+            return 0, 0
         delta = _Delta()
         # 1. every ack (a lease carries its task's key: the pending counts need no read)
         for chunk in _chunks([commit.lease.task_id for commit in applied]):
@@ -258,25 +265,29 @@ class SqliteQueue(_Registry):
         delta.leased -= len(applied)
         decrement_pending(c, self._ns, [commit.lease.key for commit in applied])
         # 2. every done-set change in commit order: the last change of a key wins
-        changes: dict[bytes, bool] = {}
+        changes: dict[bytes, bool | float] = {}  # False: removed, True: done for ever, a float: a ttl
         for commit in applied:
             for key in commit.undone:
                 changes[key] = False
             for key in commit.done:
                 changes[key] = True
+            for key, ttl in commit.expiring:
+                changes[key] = float(ttl)
         if changes:
-            removed = [key for key, done in changes.items() if not done]
-            added = [key for key, done in changes.items() if done]
+            removed = [key for key, done in changes.items() if done is False]
+            added = [key for key, done in changes.items() if done is True]
+            expiring = [(key, ttl) for key, ttl in changes.items() if type(ttl) is float]
             if removed:
                 remove_done(c, self._ns, removed, delta)
             if added:
                 add_done(c, self._ns, added, delta)
+            if expiring:
+                add_expiring(c, self._ns, expiring, delta)
         # 3. every child in commit order
         groups = [commit.children for commit in applied if commit.children]
-        if groups:
-            self._insert(c, groups, delta)
+        pushed = self._insert(c, groups, delta) if groups else 0
         delta.write(c, self._ns)
-        return len(applied)
+        return len(applied), pushed
 
     def _held_mask(self, c: sqlite3.Connection, leases: Sequence[Lease]) -> list[bool]:
         """For each lease: still held, and the first in ``leases`` with its fencing token.

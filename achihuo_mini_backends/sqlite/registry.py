@@ -16,8 +16,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from achihuo_mini.backend import Lease, WorkerInfo
-from achihuo_mini.backend_kit import alias_order, lowest_free_alias
+from achihuo_mini.backend import COUNTS_LIMIT, Lease, WorkerInfo
+from achihuo_mini.backend_kit import alias_order, counter_ok, lowest_free_alias, merge_counts
 
 from .connection import _SqliteStore
 from .rows import (
@@ -144,6 +144,46 @@ class _Registry(_SqliteStore):
         n = to_head(c, self._ns, ids, delta)
         delta.write(c, self._ns)
         return n
+
+    # -- CounterStore ------------------------------------------------------------------
+
+    async def add_counts(self, counts: Mapping[str, int]) -> None:
+        """Add to the loop's counters in one transaction (``max/``, ``min/`` names keep the extreme)."""
+        items = list(counts.items())
+        merge_counts({}, dict(items))  # refuses bad names and values before anything is written
+        if items:
+            await self._call(self._t_add_counts, items)
+
+    def _t_add_counts(self, c: sqlite3.Connection, items: list[tuple[str, int]]) -> None:
+        for name, value in items:
+            combine = "max(value, excluded.value)" if name.startswith("max/") else (
+                "min(value, excluded.value)" if name.startswith("min/") else "value + excluded.value"
+            )  # fmt: skip
+            c.execute(
+                "INSERT INTO counters (ns, name, value) VALUES (?, ?, ?) "
+                f"ON CONFLICT (ns, name) DO UPDATE SET value = {combine}",
+                (self._ns, name, value),
+            )
+
+    async def counts(self) -> dict[str, int]:
+        """The loop's counters; a row that is not a short text name with an integer is skipped."""
+        return await self._call(self._t_counts, mode="read")
+
+    def _t_counts(self, c: sqlite3.Connection) -> dict[str, int]:
+        found: dict[str, int] = {}
+        skipped = 0
+        rows = c.execute("SELECT name, value FROM counters WHERE ns = ? LIMIT ?", (self._ns, COUNTS_LIMIT))
+        for name, value in rows:
+            if counter_ok(name, value) and valid_text(name):
+                found[name] = value
+            else:
+                skipped += 1
+        if skipped:
+            log.warning("SQLite %s: skipped %d unreadable counters of loop %r", self.location, skipped, self.namespace)
+        return found
+
+    async def clear_counts(self) -> None:
+        await self._call(lambda c: c.execute("DELETE FROM counters WHERE ns = ?", (self._ns,)))
 
     async def workers(self) -> list[WorkerInfo]:
         """Registered workers (expired ones included until recovered), ordered by alias.

@@ -1,4 +1,4 @@
--- The achihuo_mini SQLite schema, version 1 (PRAGMA user_version = 1).
+-- The achihuo_mini SQLite schema, version 2 (PRAGMA user_version = 2).
 -- connection.py runs it statement by statement (split at semicolons, so none in comments)
 -- inside the BEGIN IMMEDIATE transaction that creates a file's schema. The package
 -- docstring describes every table.
@@ -40,8 +40,10 @@ CREATE TABLE pending (
 CREATE TABLE done (
     ns  INTEGER NOT NULL,
     key BLOB NOT NULL,
+    expires REAL,
     PRIMARY KEY (ns, key)
 ) WITHOUT ROWID;
+CREATE INDEX done_expiring ON done (ns, expires) WHERE expires IS NOT NULL;
 
 CREATE TABLE dead (
     id       INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -73,3 +75,30 @@ CREATE TABLE mailbox (
     command TEXT NOT NULL
 );
 CREATE INDEX mailbox_worker ON mailbox (ns, worker, id);
+
+CREATE TABLE counters (
+    ns    INTEGER NOT NULL,
+    name  TEXT NOT NULL,
+    value INTEGER NOT NULL,
+    PRIMARY KEY (ns, name)
+) WITHOUT ROWID;
+
+CREATE TABLE host_slots (
+    ns      INTEGER NOT NULL,
+    host    TEXT NOT NULL,
+    worker  TEXT NOT NULL,
+    n       INTEGER NOT NULL,
+    expires REAL NOT NULL,
+    waiting REAL NOT NULL,
+    PRIMARY KEY (ns, host, worker)
+) WITHOUT ROWID;
+CREATE INDEX host_slots_worker ON host_slots (ns, worker);
+CREATE INDEX host_slots_expiry ON host_slots (ns, expires);
+
+CREATE TABLE host_turns (
+    ns         INTEGER NOT NULL,
+    host       TEXT NOT NULL,
+    next_start REAL NOT NULL,
+    PRIMARY KEY (ns, host)
+) WITHOUT ROWID;
+CREATE INDEX host_turns_expiry ON host_turns (ns, next_start);

@@ -29,6 +29,9 @@ __all__ = [
     "BATCH_ACK",
     "BATCH_BLOCKED",
     "BATCH_DONE_ADD",
+    "BATCH_DONE_EXPIRE",
+    "BATCH_DONE_KEEP",
+    "BATCH_DONE_LIVE",
     "BATCH_DONE_REMOVE",
     "BATCH_HELD",
     "BATCH_INSERT",
@@ -37,6 +40,7 @@ __all__ = [
     "BATCH_PENDING_DEC",
     "BATCH_PENDING_DROP",
     "SQL_ANY_READY",
+    "SQL_DONE_SWEEP",
     "SQL_DUE",
     "SQL_HELD",
     "SQL_LEASED_BY",
@@ -88,11 +92,26 @@ BATCH_PENDING_ADD = (
 )
 BATCH_BLOCKED = (
     "SELECT group_concat(hex(key)) FROM (SELECT key FROM pending WHERE ns = ? AND key IN ({0}) "
-    "UNION ALL SELECT key FROM done WHERE ns = ? AND key IN ({0}))"
+    "UNION ALL SELECT key FROM done WHERE ns = ? AND key IN ({0}) AND (expires IS NULL OR expires > ?))"
 )
 BATCH_INSERT = "INSERT INTO tasks (ns, payload, key, pos, due) SELECT * FROM (VALUES {}) WHERE column1 IS NOT NULL"
 BATCH_DONE_ADD = "INSERT OR IGNORE INTO done (ns, key) VALUES {}"
 BATCH_DONE_REMOVE = "DELETE FROM done WHERE ns = ? AND key IN ({})"
+# expiring names (a ttl; expires: unix time, NULL: for ever). A name whose ttl passed is not done.
+BATCH_DONE_LIVE = (
+    "SELECT count(*), count(CASE WHEN expires IS NULL OR expires > ? THEN 1 END) FROM done "
+    "WHERE ns = ? AND key IN ({})"
+)
+BATCH_DONE_KEEP = "UPDATE done SET expires = NULL WHERE ns = ? AND key IN ({}) AND +expires IS NOT NULL"
+BATCH_DONE_EXPIRE = (
+    "INSERT INTO done (ns, key, expires) SELECT * FROM (VALUES {}) WHERE column1 IS NOT NULL "
+    "ON CONFLICT (ns, key) DO UPDATE SET expires = excluded.expires"
+)
+SQL_DONE_SWEEP = (
+    "DELETE FROM done WHERE ns = ? AND key IN "
+    "(SELECT key FROM done WHERE ns = ? AND expires IS NOT NULL AND expires <= ? ORDER BY expires LIMIT ?)"
+)
+"""Drops up to N names whose ttl passed, oldest first (each ``add_expiring`` sweeps a few)."""
 
 
 def _bucket(n: int) -> int:

@@ -18,6 +18,11 @@ Routes (``{key}`` names a hit counter, so each test counts its own requests):
   for sure. The peak of concurrent requests per Host header is in :attr:`Site.peak`,
   arrival times in :attr:`Site.arrivals`
 - ``/cookie``: sets a cookie
+- ``/robots.txt``: :attr:`Site.robots_txt` (404 when None); the first :attr:`Site.robots_fail` hits
+  answer :attr:`Site.robots_fail_code` instead (0: the connection is closed without an answer).
+  Hits are counted under ``robots.txt``
+- ``/site/{path}``: a small page; every hit is recorded in :attr:`Site.pages` as
+  ``(arrival time, path, X-Worker header)``; ``/site/hold/...`` answers only at :attr:`Site.release`
 
 :class:`Proxy` is a forward proxy stand-in: it records the absolute URI of each request and
 its ``Proxy-Authorization`` header, and answers ``proxied`` itself.
@@ -77,6 +82,10 @@ class Site:
         self.filled: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self.streamed = 0
         self.release = asyncio.Event()
+        self.robots_txt: str | None = None
+        self.robots_fail = 0
+        self.robots_fail_code = 503
+        self.pages: list[tuple[float, str, str]] = []
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._hit_event = asyncio.Event()
@@ -203,6 +212,25 @@ class Site:
             self.active[host] -= 1
         return web.Response(text="done")
 
+    async def robots(self, request: web.Request) -> web.StreamResponse:
+        n = self._hit(request)  # counted as "/robots.txt"
+        if n <= self.robots_fail:
+            if self.robots_fail_code == 0:
+                assert request.transport is not None
+                request.transport.close()
+                return web.Response(text="")
+            return web.Response(status=self.robots_fail_code, text="unavailable")
+        if self.robots_txt is None:
+            return web.Response(status=404, text="no robots.txt here")
+        return web.Response(text=self.robots_txt, content_type="text/plain")
+
+    async def site_page(self, request: web.Request) -> web.Response:
+        self.pages.append((time.monotonic(), request.path, request.headers.get("X-Worker", "")))
+        self._hit(request)
+        if request.path.startswith("/site/hold/"):
+            await self.release.wait()
+        return web.Response(text=f"<html><body><h1>{request.path}</h1></body></html>", content_type="text/html")
+
     async def cookie(self, request: web.Request) -> web.Response:
         self._hit(request)
         resp = web.Response(text="cookie set")
@@ -224,6 +252,8 @@ class Site:
         app.router.add_get("/page/{encoding}/{mode}", self.page)
         app.router.add_get("/limited/{key}", self.limited)
         app.router.add_get("/cookie", self.cookie)
+        app.router.add_get("/robots.txt", self.robots)
+        app.router.add_get("/site/{tail:.*}", self.site_page)
         return app
 
     async def start(self) -> str:

@@ -23,6 +23,7 @@
 --   winfo    HASH    worker -> info (JSON text, read by the Python side)
 --   aliases  HASH    alias -> worker
 --   mailbox  HASH    worker -> cmsgpack list of commands
+--   stats    HASH    counter name -> integer (the loop's statistics, summed over workers)
 --
 -- Redis does not roll back a script that fails half-way, and anything stored may
 -- have been written by someone else. So a script that writes works in two phases:
@@ -80,7 +81,7 @@ end
 local TYPES = {
   seq = 'string', tasks = 'hash', meta = 'hash', ready = 'list', delayed = 'zset', leased = 'hash',
   pending = 'hash', dcount = 'string', dead = 'list', wake = 'list', workers = 'hash', winfo = 'hash',
-  aliases = 'hash', mailbox = 'hash',
+  aliases = 'hash', mailbox = 'hash', stats = 'hash',
 }
 
 local function idstr(n)
@@ -211,9 +212,9 @@ end
 --     their old leases); aliases: rebuilt from the worker records;
 --   tasks, meta, ready, delayed, leased, dead: an error (dropping them loses tasks).
 local REPAIRABLE = {seq = true, wake = true, winfo = true, mailbox = true, pending = true, dcount = true,
-                    workers = true, aliases = true}
+                    workers = true, aliases = true, stats = true}
 local ORDER = {'seq', 'tasks', 'meta', 'ready', 'delayed', 'leased', 'pending', 'dcount', 'dead', 'wake',
-               'workers', 'winfo', 'aliases', 'mailbox'}
+               'workers', 'winfo', 'aliases', 'mailbox', 'stats'}
 
 local function expect(...)
   local wanted = {}

@@ -127,11 +127,24 @@ local function done_bucket(digest)
   return key, string.sub(digest, BUCKET_BYTES + 1)
 end
 
+-- A bucket field's value: '' = done for ever, decimal digits = done until that second
+-- (server clock; a ttl's end is rounded up to the next second, never down).
+-- done_now/done_old hold, per digest, what is stored: false (nothing), '' or the second.
 local done_now, done_old = {}, {}
 
 local checked = {}
 
-local function done_has(digest)
+local clock = nil
+
+-- The server time in ms, read once per script.
+local function clock_ms()
+  if not clock then
+    clock = now_ms()
+  end
+  return clock
+end
+
+local function done_value(digest)
   local v = done_now[digest]
   if v == nil then
     local key, field = done_bucket(digest)
@@ -144,20 +157,59 @@ local function done_has(digest)
         redis.call('SET', K.dcount, 'unreadable')
       end
     end
-    v = redis.call('HEXISTS', key, field) == 1
+    local raw = redis.call('HGET', key, field)
+    local old = raw
+    if not raw then
+      v = false
+    elseif raw == '' then
+      v = ''
+    else
+      v = parse_count(raw)
+      if not v then  -- kept as done for ever (losing nothing); a writing script stores it as such
+        note('done-set entry ' .. show(raw) .. ' of a name is not a ttl: counted as done for ever')
+        v = ''
+      end
+      if v == '' or raw ~= idstr(v) then
+        old = raw
+      else
+        old = v
+      end
+    end
     done_now[digest] = v
-    done_old[digest] = v
+    done_old[digest] = old
   end
   return v
 end
 
--- Put digests in (present) or out of the done set; returns how many changed.
+-- Whether a digest is done now (stored, and its ttl has not ended).
+local function done_has(digest)
+  local v = done_value(digest)
+  return v == '' or (v ~= false and v * 1000 > clock_ms())
+end
+
+-- Put digests in for ever (present) or out of the done set; returns how many changed
+-- (were not done, or were done, before).
 local function done_put(digests, present)
   local n = 0
   for _, digest in ipairs(digests) do
     if done_has(digest) ~= present then
-      done_now[digest] = present
       n = n + 1
+    end
+    done_now[digest] = present and '' or false
+  end
+  return n
+end
+
+-- Put digests in for a ttl each: a flat list digest, ttl ms, ...; returns how many were not done.
+local function done_expire(items)
+  local n = 0
+  for i = 1, #items - 1, 2 do
+    local digest, ttl = items[i], tonumber(items[i + 1])
+    if ttl and ttl > 0 then
+      if not done_has(digest) then
+        n = n + 1
+      end
+      done_now[digest] = math.ceil((clock_ms() + ttl) / 1000)
     end
   end
   return n
@@ -339,15 +391,18 @@ local function flush()
   call_chunked('HDEL', K.pending, del)
   -- done-set changes; the counter follows (an unreadable one is left for count() to repair)
   local delta = 0
-  for digest, present in pairs(done_now) do
-    if present ~= done_old[digest] then
+  for digest, v in pairs(done_now) do
+    local old = done_old[digest]
+    if v ~= old then
       local key, field = done_bucket(digest)
-      if present then
-        redis.call('HSET', key, field, '')
-        delta = delta + 1
-      else
+      if v == false then
         redis.call('HDEL', key, field)
         delta = delta - 1
+      else
+        redis.call('HSET', key, field, v == '' and '' or idstr(v))
+        if old == false then
+          delta = delta + 1
+        end
       end
     end
   end
