@@ -6,6 +6,7 @@
     achihuo stop NAME m1 s2 | all | masters | slaves
     achihuo clear NAME [queue|done|dead|all] --yes
     achihuo dead NAME [--limit N] [--requeue]
+    achihuo web NAME [--bind 127.0.0.1:8080] [--token TOKEN]   # a live status page
     achihuo backends          # the installed backend plugins
     achihuo loops             # the loops that have data in a backend
 """

@@ -124,14 +124,17 @@ class _Collector:
                 yield gauge
 
 
-def parse_address(text: Any, what: str = "metrics") -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:9464`` for IPv6) as a pair; :class:`ConfigError` otherwise."""
+def parse_address(text: Any, what: str = "metrics", any_port: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9464`` for IPv6) as a pair; :class:`ConfigError` otherwise.
+
+    ``any_port``: port 0 (any free port, which the caller then prints) is allowed too."""
     if not isinstance(text, str) or ":" not in text:
         raise ConfigError(f"{what}: expected HOST:PORT such as 127.0.0.1:9464, got {text!r}")
     host, _, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{what}: expected HOST:PORT with a port from 1 to 65535, got {text!r}")
+    lowest = 0 if any_port else 1
+    if not host or not port.isdigit() or not lowest <= int(port) < 65536:
+        raise ConfigError(f"{what}: expected HOST:PORT with a port from {lowest} to 65535, got {text!r}")
     return host, int(port)
 
 

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from ._report import RunSummary, printable, stats_lines, status_data
 from ._store import Store
+from ._web import resolve_targets
 from .backend import DeadLetter, WorkerInfo
 from .codec import decode_task
 from .errors import AchihuoError, DecodeError
@@ -106,6 +107,14 @@ def add_admin_commands(sub: Any, named: bool = False) -> None:
     what.add_argument("--requeue", action="store_true", help="put dead letters back in the queue (oldest first)")
     what.add_argument("--show", type=int, metavar="ID", help="print one dead letter whole, its traceback included")
 
+    web = add("web", help="serve a live status page of the loop (read-only unless --token)")
+    web.add_argument("--bind", default="127.0.0.1:8080", metavar="HOST:PORT",
+                     help="where to listen (default 127.0.0.1:8080; port 0 takes a free one)")  # fmt: skip
+    web.add_argument("--token", default=os.environ.get("ACHIHUO_WEB_TOKEN") or None,
+                     help="allow stop and requeue to requests carrying it (Authorization: Bearer TOKEN); "
+                     "default: $ACHIHUO_WEB_TOKEN, else read-only")  # fmt: skip
+    web.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
+                     help="seconds between the page's refreshes and the chart's samples (default 2)")  # fmt: skip
 
 
 def setup_logging(level: str | None, default: str) -> None:
@@ -120,7 +129,7 @@ def run_spider_cli(loop: Spider, argv: Sequence[str] | None = None) -> int:
     prog = sys.argv[0] if sys.argv and sys.argv[0] else type(loop).__name__
     parser = _Parser(prog=prog, description=f"achihuo_mini loop {loop.name!r}")
     parser.add_argument("--version", action="version", version=f"achihuo_mini {version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{start,stop,status,clear,dead}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{start,stop,status,clear,dead,web}", required=True)
     _add_start(sub)
     add_admin_commands(sub)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -158,10 +167,12 @@ def run_command(loop: Spider, args: argparse.Namespace) -> int:
 
 
 ADMIN_CALL_TIMEOUT = 300.0  # a clear of millions of tasks takes a while; a hung backend must not hang for ever
+WEB_CALL_TIMEOUT = 15.0  # a page request waits at most this long for the backend, then says it cannot read it
 
 
 async def _admin(loop: Spider, args: argparse.Namespace) -> int:
-    store = Store(loop.name, loop.settings, call_timeout=ADMIN_CALL_TIMEOUT)
+    timeout = WEB_CALL_TIMEOUT if args.command == "web" else ADMIN_CALL_TIMEOUT
+    store = Store(loop.name, loop.settings, call_timeout=timeout)
     if await store.has_data() is False:  # never create a store for a misspelled NAME
         settings = store.settings
         where = f"--config {settings.config_path}" if settings.config_path else f"--backend {settings.queue.backend}"
@@ -183,6 +194,10 @@ async def _admin(loop: Spider, args: argparse.Namespace) -> int:
             if args.show is not None:
                 return await _show_dead(store, args.show)
             return await _dead(store, args.limit, args.requeue)
+        if args.command == "web":
+            from ._web import serve_web
+
+            return await serve_web(loop.name, store, args.bind, args.token, args.interval)
         raise AssertionError(args.command)
     finally:
         await store.close()
@@ -224,18 +239,7 @@ async def _stop(store: Store, targets: Sequence[str], timeout: float) -> int:
         return 1
     workers = [w for w in await reg.workers() if isinstance(w, WorkerInfo)]
     by_alias = {w.alias: w for w in workers}
-    chosen: list[str] = []
-    unknown: list[str] = []
-    for target in targets:
-        if target == "all":
-            chosen += list(by_alias)
-        elif target in ("masters", "slaves"):
-            chosen += [w.alias for w in workers if w.role == target[:-1]]
-        elif target in by_alias:
-            chosen.append(target)
-        else:
-            unknown.append(target)
-    chosen = list(dict.fromkeys(chosen))
+    chosen, unknown = resolve_targets(workers, targets)
     for alias in unknown:
         registered = ", ".join(printable(a, 20) for a in by_alias) or "none"
         print(f"{printable(alias, 20)}: no such worker (registered: {registered})", file=sys.stderr)

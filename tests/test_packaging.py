@@ -75,6 +75,8 @@ def test_the_wheel_has_its_data_files_license_and_metadata(built: tuple[list[str
         "achihuo_mini_backends/redis_backend/lua/lib.lua",
     ):
         assert needed in names, f"{needed} is missing from the wheel"
+    web = {Path(n).name for n in names if n.startswith("achihuo_mini/web/")}
+    assert web == {p.name for p in (ROOT / "achihuo_mini/web").iterdir()}, "the status page needs all its files"
     lua = {Path(n).name for n in names if n.endswith(".lua")}
     assert lua == {p.name for p in (ROOT / "achihuo_mini_backends/redis_backend/lua").glob("*.lua")}
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
