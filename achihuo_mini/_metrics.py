@@ -133,7 +133,7 @@ def parse_address(text: Any, what: str = "metrics", any_port: bool = False) -> t
     host, _, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     lowest = 0 if any_port else 1
-    if not host or not port.isdigit() or not lowest <= int(port) < 65536:
+    if not host or not (port.isascii() and port.isdigit()) or not lowest <= int(port) < 65536:
         raise ConfigError(f"{what}: expected HOST:PORT with a port from {lowest} to 65535, got {text!r}")
     return host, int(port)
 

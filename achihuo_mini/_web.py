@@ -13,8 +13,9 @@ worker runs. Routes::
 
 Read-only unless started with a token; an action then needs ``Authorization: Bearer TOKEN``
 (a header a browser never adds by itself, so another site cannot make a visitor's browser
-act). Bound to a loopback address, requests must name a loopback host (``Host`` header):
-a page of another site that resolves its own name to 127.0.0.1 (DNS rebinding) reads nothing.
+act). Requests must name the server by an IP address, ``localhost`` or the ``--bind`` host
+name (``Host`` header): a page of another site that resolves its own name to this server's
+address (DNS rebinding) reads nothing.
 Every text shown comes from the backend and is treated as hostile: the script writes it with
 ``textContent`` only, and the Content-Security-Policy allows no inline script and no other
 origin. Passwords in URLs are masked before anything leaves the server.
@@ -28,6 +29,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import signal
 import time
 from collections.abc import Sequence
@@ -130,15 +132,16 @@ class StatusPage:
     def __init__(
         self, name: str, store: Store, *, token: str | None = None, interval: float = 2.0, bound_host: str = ""
     ) -> None:
-        if token is not None and len(token) < 8:
-            raise ConfigError("web --token: use at least 8 characters (it guards stop and requeue)")
-        if not interval >= 0.5:
-            raise ConfigError(f"web --interval: at least 0.5 s, got {interval!r}")
+        if token is not None and not re.fullmatch(r"[\x21-\x7e]{8,}", token):
+            raise ConfigError("web --token: use at least 8 characters, printable ASCII without spaces "
+                              "(it goes in an HTTP header; it guards stop and requeue)")  # fmt: skip
+        if not 0.5 <= interval <= 3600:
+            raise ConfigError(f"web --interval: from 0.5 to 3600 s, got {interval!r}")
         self.name = name
         self.store = store
         self.token = token
         self.interval = interval
-        self.check_host = _is_loopback(bound_host)
+        self.bound_host = bound_host.lower().rstrip(".")
         self.history: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=HISTORY)
         self._warned = False
         self._sampler: asyncio.Task[None] | None = None
@@ -150,9 +153,9 @@ class StatusPage:
 
         @web.middleware
         async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
-            if self.check_host and not _is_loopback(_host_of(request.host)):
+            if not self._host_allowed(request.host):
                 response: web.StreamResponse = web.json_response(
-                    {"error": "this page answers only to a loopback host name (127.0.0.1, localhost, ::1)"},
+                    {"error": "this page answers to IP addresses, localhost and the --bind host name only"},
                     status=421,
                 )
             else:
@@ -174,6 +177,19 @@ class StatusPage:
         app.on_startup.append(self._start_sampler)
         app.on_cleanup.append(self._stop_sampler)
         return app
+
+    def _host_allowed(self, header: str) -> bool:
+        """DNS rebinding: a page of another site whose own name resolves to this server's address
+        reaches it under that name. An IP address, localhost or the name given to --bind is
+        no such name."""
+        host = _host_of(header).lower().rstrip(".")
+        if _is_loopback(host) or (self.bound_host and host == self.bound_host):
+            return True
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return False
+        return True
 
     async def _static(self, request: Any) -> Any:
         from aiohttp import web
@@ -235,11 +251,14 @@ class StatusPage:
         if self.token is None:
             raise web.HTTPForbidden(reason="read-only: start `achihuo web` with --token to allow actions")
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+        given_bytes = given.strip().encode("utf-8", "surrogateescape")  # whatever bytes the client sent
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, self.token.encode("ascii")):
             raise web.HTTPUnauthorized(reason="this action needs the header Authorization: Bearer TOKEN")
         try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
+            body = json.loads(await request.read())
+        except web.HTTPException:
+            raise
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested beyond reason
             raise web.HTTPBadRequest(reason="the body must be a JSON object") from None
         if not isinstance(body, dict):
             raise web.HTTPBadRequest(reason="the body must be a JSON object")
@@ -320,7 +339,7 @@ async def serve_web(name: str, store: Store, bind: str, token: str | None, inter
 
     host, port = parse_address(bind, "web --bind", any_port=True)
     page = StatusPage(name, store, token=token, interval=interval, bound_host=host)
-    runner = web.AppRunner(page.app(), access_log=None)
+    runner = web.AppRunner(page.app(), access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
@@ -340,7 +359,7 @@ async def serve_web(name: str, store: Store, bind: str, token: str | None, inter
               flush=True)  # fmt: skip
         await stopped.wait()
     finally:
+        await runner.cleanup()  # requests in flight get 2 s; a second Ctrl-C meanwhile changes nothing
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await runner.cleanup()
     return 0

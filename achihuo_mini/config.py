@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .masking import mask_secrets
+from .masking import mask_secrets, mask_values
 from .plugins import BackendSpec, Option, build_backend_options, coerce_option, registry
 
 __all__ = ["DEFAULT_CACHE_BACKEND", "LOOP_OPTIONS", "Settings", "build_backend_options", "load_settings"]
@@ -134,7 +134,8 @@ class Side:
         return registry.get(self.backend)
 
     def __repr__(self) -> str:
-        return mask_secrets(f"Side(backend={self.backend!r}, options={self.options!r}, source={self.source!r})")
+        options = mask_values(self.options)  # a URL value may hold quotes that end a URL in free text
+        return mask_secrets(f"Side(backend={self.backend!r}, options={options!r}, source={self.source!r})")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["MASK", "mask_secrets", "mask_url"]
+__all__ = ["MASK", "mask_secrets", "mask_url", "mask_url_value", "mask_values"]
 
 MASK = "***"
 
@@ -58,6 +58,30 @@ def _mask_userinfo(match: re.Match[str]) -> str:
 def mask_url(url: str) -> str:
     """``url`` (or any text) with the passwords of URL user info replaced by ``***``."""
     return _URL_WITH_AT.sub(_mask_userinfo, url)
+
+
+def mask_url_value(value: str) -> str:
+    """One URL that is a whole value (a config option), not free text: its user info runs up to
+    its last ``@``, whatever it holds (quotes, ``<``, spaces: characters that end a URL in free
+    text), and its password is masked; then :func:`mask_secrets` (secret query values)."""
+    scheme, sep, rest = value.partition("://")
+    if sep and "@" in rest and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.\-]*", scheme):
+        userinfo, _, hosts = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        value = f"{scheme}://{user}:{MASK}@{hosts}" if colon else f"{scheme}://{MASK}@{hosts}"
+    return mask_secrets(value)
+
+
+def mask_values(value: object) -> object:
+    """``value`` with every string in it (in dicts, lists and tuples) that is a URL masked as
+    :func:`mask_url_value` does: for a ``repr`` of options."""
+    if isinstance(value, str):
+        return mask_url_value(value) if "://" in value else value
+    if isinstance(value, dict):
+        return {k: mask_values(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(mask_values(v) for v in value)
+    return value
 
 
 def mask_secrets(text: str) -> str:

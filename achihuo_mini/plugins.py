@@ -39,7 +39,7 @@ import pluggy
 from . import backend_kit as _kit
 from .backend import DoneSetBackend, QueueBackend, Scope
 from .errors import BackendNotFound, ConfigError, PluginError
-from .masking import mask_secrets
+from .masking import mask_secrets, mask_values
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -220,7 +220,7 @@ _INT_LIMIT = 2**63
 
 
 def _short_repr(value: Any) -> str:
-    text = mask_secrets(repr(value))
+    text = mask_secrets(repr(mask_values(value)))
     return text if len(text) <= 80 else text[:77] + "..."
 
 

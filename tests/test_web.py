@@ -186,22 +186,50 @@ async def test_the_page_needs_nothing_from_another_origin(memory_spiders: Spider
     assert status == 404
 
 
-async def test_a_page_bound_to_loopback_answers_only_to_a_loopback_host_name(
+async def test_the_page_answers_only_to_ip_addresses_localhost_and_its_bind_name(
     memory_spiders: SpiderFactory, serve_page: Serve
 ) -> None:
-    """A site whose name resolves to 127.0.0.1 (DNS rebinding) reads nothing through a visitor's browser."""
+    """A site whose own name resolves to this server (DNS rebinding) reads nothing through a visitor's browser."""
     loop = memory_spiders(Crawled)
     base, _ = await serve_page(loop, bound_host="127.0.0.1")
     port = base.rpartition(":")[2]
-    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example"):
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "localhost.evil.example"):
         status, _, body = await get(base + "/api/status", headers={"Host": host})
         assert status == 421 and loop.name.encode() not in body, host
-    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST.:{port}", f"[::1]:{port}",
+                 f"192.0.2.10:{port}"):  # fmt: skip
         status, _, _ = await get(base + "/api/status", headers={"Host": host})
         assert status == 200, host
-    anywhere, _ = await serve_page(loop, bound_host="0.0.0.0")
-    status, _, _ = await get(anywhere + "/api/status", headers={"Host": "crawler.example.org"})
-    assert status == 200, "bound to all interfaces on purpose: any host name"
+    for bound in ("0.0.0.0", "crawler.example.org"):  # bound everywhere, or to a name: still no other name
+        anywhere, _ = await serve_page(loop, bound_host=bound)
+        status, _, _ = await get(anywhere + "/api/status", headers={"Host": "rebound.example"})
+        assert status == 421, bound
+    status, _, _ = await get(anywhere + "/api/status", headers={"Host": "Crawler.Example.org:8080"})
+    assert status == 200, "the name it was bound to"
+
+
+async def test_hostile_requests_get_a_json_answer_and_no_traceback(
+    memory_spiders: SpiderFactory, serve_page: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = uuid.uuid4().hex
+    base, _ = await serve_page(memory_spiders(Crawled), token=token)
+    port = int(base.rpartition(":")[2])
+    deep = b"[" * 5000 + b"]" * 5000
+    for headers, body in (
+        (b"Authorization: Bearer \xff\xfe\r\n", b'{"limit": 0}'),
+        (f"Authorization: Bearer {token}\r\nContent-Type: application/json; charset=bogus\r\n".encode(), b"[]"),
+        (f"Authorization: Bearer {token}\r\n".encode(), deep[:4000]),
+        (f"Authorization: Bearer {token}\r\n".encode(), b"\xff\xfe{}"),
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /api/requeue HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + headers
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+        answer = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        status = int(answer.split(b" ", 2)[1])
+        assert status in (400, 401) and b"Content-Security-Policy" in answer, answer[:300]
+    assert "Traceback" not in caplog.text and "Error handling request" not in caplog.text
 
 
 # -- actions ------------------------------------------------------------------------------------
@@ -262,7 +290,8 @@ def redis_user(redis_url: str) -> Any:
     """A Redis ACL user with a password on the test server (removed afterwards): (url, password)."""
     import redis
 
-    user, password = f"achihuo-web-{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}"
+    # quotes, '<' and a space: characters that end a URL in free text, all legal in a password
+    user, password = f"achihuo-web-{uuid.uuid4().hex[:8]}", f"pw'{uuid.uuid4().hex[:8]}\"<z {uuid.uuid4().hex[:8]}"
     admin = redis.Redis.from_url(redis_url)
     admin.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"],
                       commands=["+@all"])  # fmt: skip
@@ -287,7 +316,8 @@ async def test_the_redis_password_never_leaves_the_server(
             status, headers, body = await get(base + path)
             assert status == 200, path
             seen += body + json.dumps(headers).encode()
-        assert password.encode() not in seen
+        for piece in [password, *password.split()]:
+            assert piece.encode() not in seen, piece
         assert "***" in json.loads((await get(base + "/api/status"))[2])["queue"]["location"]
     finally:
         async with Store(loop.name, loop.settings) as store:
@@ -333,7 +363,11 @@ def test_web_for_a_loop_without_data_creates_nothing(tmp_path: Path, capsys: pyt
         (["--bind", "localhost"], "web --bind: expected HOST:PORT"),
         (["--bind", "127.0.0.1:99999"], "web --bind: expected HOST:PORT with a port from 0 to 65535"),
         (["--token", "short"], "web --token: use at least 8 characters"),
-        (["--interval", "0"], "web --interval: at least 0.5 s"),
+        (["--token", " padded-token "], "printable ASCII without spaces"),
+        (["--token", "sécrét-tökén"], "printable ASCII without spaces"),
+        (["--interval", "0"], "web --interval: from 0.5 to 3600 s"),
+        (["--interval", "inf"], "web --interval: from 0.5 to 3600 s"),
+        (["--bind", "127.0.0.1:\uff11\uff18\uff10\uff19\uff10"], "web --bind: expected HOST:PORT"),  # full-width digits
         (["--bind", "192.0.2.1:8080"], "web --bind 192.0.2.1:8080: cannot listen there"),
     ],
 )

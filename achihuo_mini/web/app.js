@@ -149,9 +149,10 @@ function drawChart(history) {
   const W = Math.max(320, Math.round(chart.clientWidth) || 720), H = 180, left = 44, right = 8, top = 10, bottom = 22;
   chart.setAttribute("viewBox", `0 0 ${W} ${H}`);  // as wide as the page: text keeps its size
   const usePages = history.length > 1 && history[history.length - 1][2] > history[0][2];
-  // workers add their counts at each heartbeat: a rate over one sample would saw up and down,
-  // so each point is the rate over the last WINDOW seconds (or since the first sample)
-  const WINDOW = Math.max(10, 3 * interval);
+  // workers add their counts at each heartbeat (10 s by default, each worker at its own
+  // moment): a rate over one sample would saw up and down, so each point is the rate over the
+  // last WINDOW seconds (or since the first sample)
+  const WINDOW = Math.max(30, 3 * interval);  // three heartbeats at the default 10 s
   const points = [];
   for (let i = 1, j = 0; i < history.length; i += 1) {
     while (history[i][0] - history[j][0] > WINDOW && j < i - 1) j += 1;

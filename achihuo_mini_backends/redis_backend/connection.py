@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import msgpack
 
 from achihuo_mini.errors import AchihuoError, BackendError, BackendUnavailable, ConfigError, PluginError
-from achihuo_mini.masking import mask_secrets
+from achihuo_mini.masking import mask_secrets, mask_url_value
 
 from .keys import BUCKET_PART, DEFAULT_PREFIX, KEY_PARTS, bucket_keys, redis_key
 
@@ -173,7 +173,7 @@ def check_url(url: str, parse: Callable[[str], dict[str, Any]]) -> dict[str, Any
     Such URLs are refused here, as is anything redis-py cannot read. The messages
     never quote redis-py's own (which may hold part of a password).
     """
-    where = f"redis url {mask_secrets(url)}"
+    where = f"redis url {mask_url_value(url)}"
     try:
         parts = urlsplit(url) if "://" in url else None
     except ValueError:  # 'Invalid IPv6 URL'
@@ -225,7 +225,7 @@ class RedisBackend:
         prefix: str = DEFAULT_PREFIX,
     ) -> None:
         self.namespace = namespace
-        self.location = mask_secrets(url)
+        self.location = mask_url_value(url)
         """The URL without password, for logs and ``status``."""
         self.connect_timeout = float(connect_timeout)
         self.socket_timeout = float(socket_timeout)
