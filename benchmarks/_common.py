@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
+import socket
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -56,3 +60,40 @@ def table(rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def free_port(bus: bool = False) -> int:
+    """A free local port; ``bus``: one whose Cluster bus port (port + 10000) is free too."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if not bus:
+            return port
+        if port + 10000 < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                    return port
+                except OSError:
+                    pass
+
+
+def start_redis(folder: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    """A redis-server of the benchmark's own on ``port`` (nothing on disk), once it answers PING."""
+    exe = shutil.which("redis-server") or sys.exit("this benchmark needs redis-server on PATH")
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen([*cmd, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            sys.exit(f"redis-server did not start on port {port}")
+        time.sleep(0.02)

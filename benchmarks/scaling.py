@@ -17,6 +17,10 @@ Baseline, in the same run: the "Redis ceiling", N task payloads through raw redi
 pipelines of 100, then ``LPOP key 100`` loops with one DEL per popped batch (a
 push / pop / ack shaped round trip). Redis uses ``--redis-url`` (default
 ``$REDIS_URL`` or redis://127.0.0.1:6379/0); every key is removed at the end.
+
+``--cluster`` (instead of the above): three loops at once, one worker process each, on one
+Redis server against a 3-primary Redis Cluster (each loop on its own primary), both started
+here from ``redis-server`` and ``redis-cli`` on free ports, in the same run.
 """
 
 from __future__ import annotations
@@ -34,7 +38,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from _common import DEFAULT_REDIS_URL, machine, make_loop, store_of, table, unique_name, write_config
+from _common import (
+    DEFAULT_REDIS_URL,
+    free_port,
+    machine,
+    make_loop,
+    start_redis,
+    store_of,
+    table,
+    unique_name,
+    write_config,
+)
 
 from achihuo_mini import Task
 from achihuo_mini.codec import encode_task
@@ -169,6 +183,102 @@ async def redis_ceiling(redis_url: str, n: int, batch: int = 100) -> tuple[float
     return push_s, run_s
 
 
+# -- --cluster: three loops on one server against three loops on three primaries -------------------
+
+
+def _cluster(folder: Path) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
+    import shutil
+
+    ports = [free_port(bus=True) for _ in range(3)]
+    procs = [start_redis(folder / str(p), p, "--cluster-enabled", "yes", "--cluster-config-file",
+                    str(folder / str(p) / "nodes.conf")) for p in ports]  # fmt: skip
+    cli = shutil.which("redis-cli") or sys.exit("--cluster needs redis-cli on PATH")
+    done = subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports], "--cluster-yes"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    if done.returncode:
+        sys.exit(f"redis-cli --cluster create failed: {done.stdout[-500:]}")
+    deadline = time.monotonic() + 30
+    while not all("cluster_state:ok" in subprocess.run([cli, "-p", str(p), "cluster", "info"], capture_output=True,
+                                                       text=True).stdout for p in ports):  # fmt: skip
+        if time.monotonic() > deadline:
+            sys.exit("the Cluster did not settle")
+        time.sleep(0.05)
+    return procs, ports
+
+
+def _names_on_primaries(ports: list[int], run_name: str) -> list[str]:
+    """One loop NAME per primary: its hash-tag slot is served by that node."""
+    import redis
+    from redis.crc import key_slot
+
+    from achihuo_mini_backends.redis_backend.keys import redis_key
+
+    client = redis.Redis(port=ports[0])
+    try:
+        owners = [(low, high, int(node[1])) for low, high, node, *_ in client.execute_command("CLUSTER", "SLOTS")]
+    finally:
+        client.close()
+    names: dict[int, str] = {}
+    i = 0
+    while len(names) < len(ports):
+        name = f"{run_name}-{i}"
+        slot = key_slot(redis_key(name, "seq"))
+        names.setdefault(next(port for low, high, port in owners if low <= slot <= high), name)
+        i += 1
+    return list(names.values())
+
+
+def _three_loops(url: str, names: list[str], n: int, concurrency: int, idle_exit: float, tmp: Path) -> float:
+    """Wall seconds for one worker process per loop to drain ``n`` tasks of each loop."""
+    config = tmp / f"{abs(hash(url))}.toml"
+    config.write_text(f'[queue]\nbackend = "redis"\nurl = "{url}"\n[done]\nbackend = "redis"\nurl = "{url}"\n')
+    for name in names:
+        asyncio.run(prefill(name, config, n))
+    cmd = [sys.executable, str(HERE), "--config", str(config), "-c", str(concurrency), "--idle-exit", str(idle_exit)]
+    started = time.perf_counter()
+    procs = [subprocess.Popen([*cmd, "--worker", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in names]  # fmt: skip
+    outputs = [p.communicate() for p in procs]
+    wall = time.perf_counter() - started
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        if p.returncode != 0 or json.loads(out.strip().splitlines()[-1])["succeeded"] != n:
+            sys.exit(f"a worker failed ({p.returncode}):\n{err[-2000:]}")
+    for name in names:
+        asyncio.run(make_loop(name, config).clear_data("all"))
+    return wall
+
+
+def cluster_rows(n: int, concurrency: int, idle_exit: float, repeat: int) -> None:
+    run_name = unique_name("bench-cluster")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        single_port = free_port()
+        single = start_redis(tmp / "single", single_port)
+        nodes, ports = _cluster(tmp / "cluster")
+        try:
+            names = _names_on_primaries(ports, run_name)
+            cluster_url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
+            setups = [("one server", f"redis://127.0.0.1:{single_port}/0"), ("Cluster, 3 primaries", cluster_url)]
+            walls: dict[str, list[float]] = {label: [] for label, _ in setups}
+            for _ in range(repeat):  # alternating, so that both see the same machine
+                for label, url in setups:
+                    walls[label].append(_three_loops(url, names, n, concurrency, idle_exit, tmp))
+        finally:
+            for proc in [single, *nodes]:
+                proc.terminate()
+                proc.wait(10)
+    base = sorted(walls["one server"])[repeat // 2]
+    rows = [["setup", "loops", "tasks", "wall s", "tasks/s (wall)", "vs one server"]]
+    for label, _ in setups:
+        wall = sorted(walls[label])[repeat // 2]
+        rows.append([label, "3", str(3 * n), f"{wall:.2f}", f"{3 * n / wall:,.0f}", f"{base / wall:.2f}"])
+    print(f"three loops at once, one worker process each, {n} no-op tasks per loop, concurrency {concurrency}, "
+          f"median of {repeat} runs; {machine()}")  # fmt: skip
+    print(table(rows))
+    print("On this machine the worker processes and all the servers share its cores: a Cluster pays off where "
+          "one Redis core is the limit and the primaries have cores (or machines) of their own.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", "--tasks", type=int, default=100_000)
@@ -179,10 +289,14 @@ def main() -> None:
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     parser.add_argument("--worker", metavar="NAME", help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cluster", action="store_true", help="3 loops on one server vs on a 3-primary Cluster")
     args = parser.parse_args()
     if args.worker:
         report = asyncio.run(worker(args.worker, args.config, args.concurrency, args.idle_exit))
         print(json.dumps(report))
+        return
+    if args.cluster:
+        cluster_rows(args.tasks, args.concurrency, args.idle_exit, args.repeat)
         return
 
     n, c = args.tasks, args.concurrency

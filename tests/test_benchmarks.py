@@ -61,3 +61,14 @@ def test_crawl_benchmark_runs(redis_url: str) -> None:
     else:
         assert "peers not installed" not in out
     assert "[1]" not in out, out  # at this size every peer fetches each page exactly once: no notes
+
+
+def test_replicas_benchmark_runs() -> None:
+    out = run("replicas.py", "-n", "300", "--rounds", "1")
+    assert "| wait_replicas |" in out and "| 1 " in out
+
+
+@pytest.mark.redis_cluster
+def test_scaling_benchmark_runs_its_cluster_rows() -> None:
+    out = run("scaling.py", "--cluster", "-n", "300", "-r", "1")
+    assert "| Cluster, 3 primaries | 3 " in out and "| one server " in out

@@ -214,10 +214,15 @@ __all__ = [
 # -- plugin ------------------------------------------------------------------------
 
 OPTIONS = {
-    "url": Option(str, DEFAULT_URL, "redis://[[user]:password@]host[:port][/db], rediss://… (TLS) or unix://…?db=N"),
+    "url": Option(str, DEFAULT_URL, "redis://[[user]:password@]host[:port][/db], rediss://… (TLS), unix://…?db=N, "
+                  "redis+sentinel://host:port,…/service[/db] or redis+cluster://host:port,…"),
     "connect_timeout": Option(float, 5.0, "seconds to connect (and for open()'s first PING) before giving up"),
     "socket_timeout": Option(float, 10.0, "seconds to wait for any reply before the server counts as unavailable"),
     "prefix": Option(str, DEFAULT_PREFIX, "first part of every key (e.g. to match an ACL key pattern); no braces"),
+    "wait_replicas": Option(int, 0, "after each write of tasks or done names, WAIT until this many replicas have it "
+                            "(0: do not wait; not on a Cluster)", 0, 100),
+    "wait_timeout": Option(float, 2.0, "seconds WAIT waits for the replicas; fewer in time: the loop pauses and "
+                           "writes again", 0.01),
 }
 
 
@@ -269,20 +274,13 @@ async def _list_loops(options: Mapping[str, Any]) -> list[str]:
     probe = RedisDoneSet("%", **opts)  # only its connection is used
     await probe.open()
     try:
-        client = probe._redis
         prefix = opts["prefix"].encode("utf-8", "surrogatepass")
         glob = re.sub(rb"([*?\[\]\\])", rb"\\\1", prefix)
         names: set[str] = set()
         for part in (b"seq", b"dcount"):
-            cursor = 0
-            while True:
-                cursor, keys = await probe._run(client.scan(cursor, match=glob + b":{*}:" + part, count=1000))
-                for raw in keys:
-                    key = raw if isinstance(raw, bytes) else str(raw).encode("utf-8", "surrogatepass")
-                    inner = key[len(prefix) + 2 : key.rindex(b"}:")]
-                    names.add(unescape_namespace(inner.decode("utf-8", "surrogatepass")))
-                if not cursor:
-                    break
+            for key in await probe.scan(glob + b":{*}:" + part):  # every primary of a Cluster
+                inner = key[len(prefix) + 2 : key.rindex(b"}:")]
+                names.add(unescape_namespace(inner.decode("utf-8", "surrogatepass")))
         return sorted(names)
     finally:
         await probe.close()

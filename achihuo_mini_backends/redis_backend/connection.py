@@ -23,8 +23,9 @@ import logging
 import math
 import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import msgpack
 
@@ -179,7 +180,7 @@ def check_url(url: str, parse: Callable[[str], dict[str, Any]]) -> dict[str, Any
     except ValueError:  # 'Invalid IPv6 URL'
         raise ConfigError(f"{where}: not a URL") from None
     if parts is None or parts.scheme.lower() not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"{where}: must start with redis://, rediss:// or unix://")
+        raise ConfigError(f"{where}: must start with redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://")
     problem = ""
     if "#" in url:
         problem = "holds a '#'"
@@ -199,6 +200,78 @@ def check_url(url: str, parse: Callable[[str], dict[str, Any]]) -> dict[str, Any
         has_secret = "@" in url or "password" in url.lower()
         detail = type(exc).__name__ if has_secret else f"{type(exc).__name__}: {mask_secrets(str(exc))}"
         raise ConfigError(f"{where}: redis-py cannot read it ({detail})") from None
+
+
+TOPOLOGY_SCHEMES = {"redis+sentinel": 26379, "redis+cluster": 6379}
+"""URL schemes that name several servers, with each one's default port."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A ``redis+sentinel://`` or ``redis+cluster://`` URL, read.
+
+    ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]``: the
+    sentinels, the name of the primary they watch, the database.
+    ``redis+cluster://[[user]:password@]host:port[,host:port...]``: any nodes of the Cluster
+    (the rest are discovered). The credentials are the data servers'; sentinels are asked
+    without a password.
+    """
+
+    kind: Literal["sentinel", "cluster"]
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    service: str = ""
+    db: int = 0
+
+    def params(self) -> dict[str, Any]:
+        """What identifies the data (for :meth:`RedisBackend._same_data`): never the password."""
+        return {"kind": self.kind, "nodes": self.nodes, "service": self.service, "db": self.db}
+
+
+def parse_topology(url: str) -> Topology:
+    """Read a ``redis+sentinel://`` or ``redis+cluster://`` URL; ``ConfigError`` (masked) otherwise."""
+    where = f"redis url {mask_url_value(url)}"
+    scheme, _, rest = url.partition("://")
+    kind = scheme.lower()
+    if kind not in TOPOLOGY_SCHEMES:
+        raise ConfigError(f"{where}: not a redis+sentinel:// or redis+cluster:// URL")
+    if "#" in rest or "?" in rest:
+        hint = f" ({_PASSWORD_HINT})" if "@" in rest else ""
+        raise ConfigError(f"{where}: holds a '#' or a query, which {kind}:// URLs do not take{hint}")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    nodes: list[tuple[str, int]] = []
+    for piece in hosts.split(","):
+        host, port = piece, str(TOPOLOGY_SCHEMES[kind])
+        if piece.startswith("["):
+            host, _, tail = piece[1:].partition("]")
+            if tail:
+                if not tail.startswith(":"):
+                    raise ConfigError(f"{where}: {piece!r} is not HOST:PORT")
+                port = tail[1:]
+        elif ":" in piece:
+            host, _, port = piece.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{where}: {piece!r} is not HOST:PORT (a port from 1 to 65535)")
+        nodes.append((host, int(port)))
+    parts = [unquote(p) for p in path.split("/")] if path else []
+    service, db = "", "0"
+    if kind == "redis+sentinel":
+        if not parts or not parts[0] or len(parts) > 2:
+            raise ConfigError(f"{where}: expected /<service name>[/<database>] after the sentinels")
+        service = parts[0]
+        db = parts[1] if len(parts) == 2 and parts[1] else "0"
+    elif len(parts) > 1 or (parts and parts[0] not in ("", "0")):
+        raise ConfigError(f"{where}: a Redis Cluster has database 0 only (no path, or /0)")
+    if not db.isdigit():
+        raise ConfigError(f"{where}: the database must be a number, got {db!r}")
+    return Topology(kind[6:], tuple(nodes), username, password, service, int(db))  # type: ignore[arg-type]
 
 
 def error_code(exc: BaseException) -> str:
@@ -223,6 +296,8 @@ class RedisBackend:
         connect_timeout: float = 5.0,
         socket_timeout: float = 10.0,
         prefix: str = DEFAULT_PREFIX,
+        wait_replicas: int = 0,
+        wait_timeout: float = 2.0,
     ) -> None:
         self.namespace = namespace
         self.location = mask_url_value(url)
@@ -242,7 +317,21 @@ class RedisBackend:
         self._url = url
         self._driver = driver()
         self._errors = self._driver.exceptions
-        params = check_url(url, self._driver.asyncio.connection.parse_url)
+        self.topology: Topology | None = None
+        """The sentinels or Cluster nodes of a ``redis+sentinel://`` or ``redis+cluster://`` URL."""
+        if url.partition("://")[0].lower() in TOPOLOGY_SCHEMES:
+            self.topology = parse_topology(url)
+            params = self.topology.params()
+        else:
+            params = check_url(url, self._driver.asyncio.connection.parse_url)
+        self._sentinel: Any = None
+        self.wait_replicas = int(wait_replicas)
+        """Replicas every write of tasks or done names must reach (``WAIT``) before it counts as done."""
+        self.wait_timeout = float(wait_timeout)
+        if self.wait_replicas < 0 or not self.wait_timeout > 0:
+            raise ConfigError(f"redis backend {self.location}: wait_replicas must be >= 0 and wait_timeout > 0")
+        if self.wait_replicas and self.topology is not None and self.topology.kind == "cluster":
+            raise ConfigError(f"redis backend {self.location}: wait_replicas is not available on a Redis Cluster")
         self._target = tuple(sorted((k, repr(v)) for k, v in params.items()))
         self._client: Redis | None = None
         self.round_trips = 0
@@ -271,16 +360,32 @@ class RedisBackend:
         digests: Iterable[bytes] = (),
         parse: Callable[[Any], T] = lambda result: result,
         keys: Sequence[bytes] | None = None,
+        replicated: bool = False,
     ) -> T:
         """Run script ``name``, log the repairs it reports, return ``parse(result)``.
 
         ``digests``: the done-set names it reads or writes (their buckets join ``KEYS``);
         ``keys``: extra ``KEYS`` instead. A reply that ``parse`` cannot read is a
-        ``BackendError`` naming the script.
+        ``BackendError`` naming the script. ``replicated``: with ``wait_replicas``, the
+        script and a ``WAIT`` go in one pipeline (``WAIT`` counts the writes of its own
+        connection); fewer replicas in time is ``BackendUnavailable``, so the caller
+        waits and writes again (every write script is safe to repeat).
         """
         client = self._redis  # raises when not open
         extra = self._bucket_keys(digests) if keys is None else list(keys)
-        reply = await self._run(self._scripts[name](keys=self._keys + extra, args=list(args), client=client))
+        script = self._scripts[name]
+        if replicated and self.wait_replicas:
+            pipe = client.pipeline(transaction=False)
+            await script(keys=self._keys + extra, args=list(args), client=pipe)
+            pipe.wait(self.wait_replicas, max(1, round(self.wait_timeout * 1000)))
+            reply, acknowledged = await self._run(pipe.execute(), self.socket_timeout + self.wait_timeout)
+            if type(acknowledged) is not int or acknowledged < self.wait_replicas:
+                raise BackendUnavailable(
+                    f"Redis at {self.location}: {acknowledged} of {self.wait_replicas} replicas acknowledged "
+                    f"a write within {self.wait_timeout:g} s (wait_replicas)"
+                )
+        else:
+            reply = await self._run(script(keys=self._keys + extra, args=list(args), client=client))
         try:
             result, notes = reply
             for note in notes:
@@ -312,6 +417,7 @@ class RedisBackend:
             e.TryAgainError,
             e.ClusterDownError,  # includes MasterDownError
             e.AskError,  # includes MovedError: a slot moved during resharding
+            e.ClusterError,  # redis-py followed redirections (or TRYAGAIN) until its TTL ran out: resharding
             e.OutOfMemoryError,  # writes resume when memory is freed; pausing loses nothing
             OSError,  # includes TimeoutError
         )
@@ -357,17 +463,69 @@ class RedisBackend:
             # pooled connection for EOF, so the first call after a server restart
             # fails. Redis OSS does not send them anyway (it saves a round trip too).
             extra["maint_notifications_config"] = maint.MaintNotificationsConfig(enabled=False)
-        client: Redis = driver.asyncio.Redis.from_url(
-            self._url,
-            socket_connect_timeout=self.connect_timeout,
-            socket_timeout=None,  # deadlines are set by _run (see there)
+        common: dict[str, Any] = {
+            "socket_connect_timeout": self.connect_timeout,
+            "socket_timeout": None,  # deadlines are set by _run (see there)
             # No silent re-sends: a script whose reply was lost must not run twice.
             # The loop retries after BackendUnavailable; fencing makes that safe.
-            retry=driver.asyncio.retry.Retry(driver.backoff.NoBackoff(), 0),
-            decode_responses=False,
+            "retry": driver.asyncio.retry.Retry(driver.backoff.NoBackoff(), 0),
+            "decode_responses": False,
             **extra,
-        )
+        }
+        topo = self.topology
+        if topo is None:
+            client: Redis = driver.asyncio.Redis.from_url(self._url, **common)
+        elif topo.kind == "sentinel":
+            from redis.asyncio.sentinel import Sentinel
+
+            # The sentinels are asked for the primary at each new connection; a connection
+            # to a demoted primary answers READONLY, which redis-py turns into a dropped
+            # connection: the next call finds the new primary (and the loop waits meanwhile).
+            wait = self.connect_timeout
+            self._sentinel = Sentinel(
+                list(topo.nodes),
+                sentinel_kwargs={"socket_connect_timeout": wait, "socket_timeout": wait},
+                username=topo.username,
+                password=topo.password,
+                db=topo.db,
+                **common,
+            )
+            client = self._sentinel.master_for(topo.service, redis_class=driver.asyncio.Redis)
+        else:
+            from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+            # MOVED and ASK are followed inside redis-py (a redirected command had not
+            # run); nothing else is re-sent (retry above).
+            client = RedisCluster(  # type: ignore[assignment]
+                startup_nodes=[ClusterNode(host, port) for host, port in topo.nodes],
+                username=topo.username,
+                password=topo.password,
+                **common,
+            )
         return client
+
+    async def scan(self, match: bytes) -> list[bytes]:
+        """The keys matching ``match``, with ``SCAN`` (on every primary of a Cluster)."""
+        client: Any = self._redis
+        cluster = self.topology is not None and self.topology.kind == "cluster"
+        found: list[bytes] = []
+        for node in client.get_primaries() if cluster else [None]:
+            where = {"target_nodes": node} if cluster else {}
+            cursor = 0
+            while True:
+                cursor, keys = await self._run(client.scan(cursor, match=match, count=1000, **where))
+                if isinstance(cursor, dict):  # a Cluster names the node: {"host:port": cursor}
+                    cursor = next(iter(cursor.values()), 0)
+                found += [k if isinstance(k, bytes) else str(k).encode("utf-8", "surrogatepass") for k in keys]
+                if not cursor:
+                    break
+        return found
+
+    async def _close_sentinels(self) -> None:
+        sentinel, self._sentinel = self._sentinel, None
+        if sentinel is not None:
+            for node in sentinel.sentinels:
+                await node.aclose()
 
     # -- open / close -------------------------------------------------------
 
@@ -390,8 +548,10 @@ class RedisBackend:
                     f"Redis at {self.location} is version {self.server_version}; achihuo_mini needs {minimum} or newer"
                 )
             await self._read_durability(client)
+            await self._read_topology(client)
         except BaseException:
             await client.aclose()
+            await self._close_sentinels()
             raise
         self._client = client
         self._after_open(client)
@@ -440,12 +600,43 @@ class RedisBackend:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
+        await self._close_sentinels()
+
+    async def _read_topology(self, client: Redis) -> None:
+        """Name the primary, its replicas and ``min-replicas-to-write`` in ``location`` (``status`` shows it)."""
+        topo = self.topology
+        if topo is None:
+            return
+        base = mask_url_value(self._url)
+        if topo.kind == "cluster":
+            primaries = client.get_primaries()  # type: ignore[attr-defined]
+            self.location = f"{base} ({len(primaries)} primaries)"
+            return
+        info = await self._run(client.info("replication"))
+        replicas = [text(v.get("ip")) + ":" + text(v.get("port")) for k, v in sorted(info.items())
+                    if re.fullmatch(r"slave\d+", text(k)) and isinstance(v, dict)]  # fmt: skip
+        primary = await self._run(self._sentinel.discover_master(topo.service))
+        detail = f"primary {primary[0]}:{primary[1]}, {len(replicas)} replicas"
+        if replicas:
+            detail += " (" + ", ".join(replicas) + ")"
+        try:
+            reply: dict[Any, Any] = await self._run(client.config_get("min-replicas-to-write"))
+            minimum = reply.get(b"min-replicas-to-write")
+        except BackendError as exc:
+            if isinstance(exc, BackendUnavailable):
+                raise
+            minimum = None
+        if minimum not in (None, b"0"):
+            detail += f", min-replicas-to-write {text(minimum)}"
+        self.location = f"{base} ({detail})"
 
 
 async def hello(client: Redis) -> dict[str, Any]:
-    """PING, then the server section of INFO."""
+    """PING, then the server section of INFO (of one node, on a Cluster)."""
     await client.ping()
     info: dict[str, Any] = await client.info("server")
+    if info and all(isinstance(v, dict) for v in info.values()) and "redis_version" not in info:
+        info = min((v for v in info.values()), key=lambda node: version(text(node.get("redis_version", "0"))))
     return info
 
 

@@ -74,7 +74,7 @@ class RedisDoneSet(RedisBackend):
 
     async def add(self, keys: Sequence[bytes]) -> int:
         """How many keys were new."""
-        return sum([await self._call("done_add", part, part, int) for part in chunks(keys)])
+        return sum([await self._call("done_add", part, part, int, replicated=True) for part in chunks(keys)])
 
     async def add_expiring(self, items: Sequence[tuple[bytes, float]]) -> int:
         """Add keys done for ``ttl`` seconds each (server clock, the end rounded up to a second);
@@ -84,7 +84,7 @@ class RedisDoneSet(RedisBackend):
             args: list[Any] = []
             for key, ttl in part:
                 args += [key, delay_ms(ttl)]
-            n += await self._call("done_expire", args, [key for key, _ in part], int)
+            n += await self._call("done_expire", args, [key for key, _ in part], int, replicated=True)
         return n
 
     async def contains(self, keys: Sequence[bytes]) -> list[bool]:

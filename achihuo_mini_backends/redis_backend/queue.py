@@ -193,7 +193,7 @@ class RedisQueue(RedisBackend):
         """Push a batch; unique keys are checked against pending and the done set (see :func:`_steps`)."""
         n = 0
         for step in _steps(tasks) if tasks else ():
-            n += await self._call("push", [pack(_task_list(step))], _unique_keys(step), int)
+            n += await self._call("push", [pack(_task_list(step))], _unique_keys(step), int, replicated=True)
         return n
 
     async def reserve(self, worker: str, limit: int) -> list[Lease]:
@@ -268,7 +268,7 @@ class RedisQueue(RedisBackend):
 
     async def _commit(self, entries: list[list[Any]], digests: Sequence[bytes]) -> int:
         """One ``commit`` script call; returns how many entries applied."""
-        applied, pushed = await self._call("commit", [pack(entries)], digests, _ints)
+        applied, pushed = await self._call("commit", [pack(entries)], digests, _ints, replicated=True)
         self.children_pushed += pushed
         return applied
 
