@@ -482,14 +482,8 @@ class RedisBackend:
             # to a demoted primary answers READONLY, which redis-py turns into a dropped
             # connection: the next call finds the new primary (and the loop waits meanwhile).
             wait = self.connect_timeout
-            self._sentinel = Sentinel(
-                list(topo.nodes),
-                sentinel_kwargs={"socket_connect_timeout": wait, "socket_timeout": wait},
-                username=topo.username,
-                password=topo.password,
-                db=topo.db,
-                **common,
-            )
+            if self._sentinel is None:  # one manager for every client of this backend (the queue's waiter too)
+                self._sentinel = self._new_sentinel(Sentinel, topo, wait, common)
             client = self._sentinel.master_for(topo.service, redis_class=driver.asyncio.Redis)
         else:
             from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -503,6 +497,17 @@ class RedisBackend:
                 **common,
             )
         return client
+
+    @staticmethod
+    def _new_sentinel(cls: Any, topo: Topology, wait: float, common: dict[str, Any]) -> Any:
+        return cls(
+            list(topo.nodes),
+            sentinel_kwargs={"socket_connect_timeout": wait, "socket_timeout": wait},
+            username=topo.username,
+            password=topo.password,
+            db=topo.db,
+            **common,
+        )
 
     async def scan(self, match: bytes) -> list[bytes]:
         """The keys matching ``match``, with ``SCAN`` (on every primary of a Cluster)."""
