@@ -11,7 +11,8 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
-pytestmark = pytest.mark.processes
+# slow: each benchmark at a small size (about 30 s in all); .ci/run runs them
+pytestmark = [pytest.mark.processes, pytest.mark.slow]
 
 
 def run(script: str, *args: str) -> str:

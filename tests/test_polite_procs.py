@@ -26,7 +26,8 @@ from .test_no_loss import Crawl
 
 SPIDER = Path(__file__).parent / "procs" / "polite_spider.py"
 
-pytestmark = pytest.mark.processes
+# slow: request rates measured at the server over seconds (about 50 s in all); .ci/run runs them
+pytestmark = [pytest.mark.processes, pytest.mark.slow]
 
 
 class PoliteCrawl(Crawl):
