@@ -239,8 +239,9 @@ def parse_topology(url: str) -> Topology:
     if "#" in rest or "?" in rest:
         hint = f" ({_PASSWORD_HINT})" if "@" in rest else ""
         raise ConfigError(f"{where}: holds a '#' or a query, which {kind}:// URLs do not take{hint}")
-    netloc, _, path = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
+    # the user info runs up to the last '@' (a password may hold '/'); the rest holds no secret
+    userinfo, at, after = rest.rpartition("@")
+    hosts, _, path = after.partition("/")
     username = password = None
     if at:
         user, colon, secret = userinfo.partition(":")
@@ -328,6 +329,8 @@ class RedisBackend:
         self.wait_replicas = int(wait_replicas)
         """Replicas every write of tasks or done names must reach (``WAIT``) before it counts as done."""
         self.wait_timeout = float(wait_timeout)
+        self.replica_shortfalls = 0
+        """Writes that fewer than ``wait_replicas`` replicas acknowledged in time."""
         if self.wait_replicas < 0 or not self.wait_timeout > 0:
             raise ConfigError(f"redis backend {self.location}: wait_replicas must be >= 0 and wait_timeout > 0")
         if self.wait_replicas and self.topology is not None and self.topology.kind == "cluster":
@@ -367,23 +370,14 @@ class RedisBackend:
         ``digests``: the done-set names it reads or writes (their buckets join ``KEYS``);
         ``keys``: extra ``KEYS`` instead. A reply that ``parse`` cannot read is a
         ``BackendError`` naming the script. ``replicated``: with ``wait_replicas``, the
-        script and a ``WAIT`` go in one pipeline (``WAIT`` counts the writes of its own
-        connection); fewer replicas in time is ``BackendUnavailable``, so the caller
-        waits and writes again (every write script is safe to repeat).
+        script is followed by ``WAIT`` on its connection (see :meth:`_replicated`).
         """
         client = self._redis  # raises when not open
         extra = self._bucket_keys(digests) if keys is None else list(keys)
         script = self._scripts[name]
         if replicated and self.wait_replicas:
-            pipe = client.pipeline(transaction=False)
-            await script(keys=self._keys + extra, args=list(args), client=pipe)
-            pipe.wait(self.wait_replicas, max(1, round(self.wait_timeout * 1000)))
-            reply, acknowledged = await self._run(pipe.execute(), self.socket_timeout + self.wait_timeout)
-            if type(acknowledged) is not int or acknowledged < self.wait_replicas:
-                raise BackendUnavailable(
-                    f"Redis at {self.location}: {acknowledged} of {self.wait_replicas} replicas acknowledged "
-                    f"a write within {self.wait_timeout:g} s (wait_replicas)"
-                )
+            reply = await self._run(self._replicated(script, self._keys + extra, list(args)),
+                                    self.socket_timeout + 2 * self.wait_timeout)  # fmt: skip
         else:
             reply = await self._run(script(keys=self._keys + extra, args=list(args), client=client))
         try:
@@ -393,6 +387,27 @@ class RedisBackend:
             return parse(result)
         except _READ_ERRORS as exc:
             raise BackendError(f"Redis at {self.location}: unreadable reply to {name} ({type(exc).__name__})") from exc
+
+    async def _replicated(self, script: Any, keys: list[bytes], args: list[Any]) -> Any:
+        """Run ``script``, then ``WAIT`` for ``wait_replicas`` on the same connection (``WAIT``
+        counts the writes of its own connection), once more when they are behind. The write is
+        never repeated: it is on the primary, and a second push would queue its tasks twice. A
+        shortfall after that is a warning (with a count), and the write counts as done."""
+        async with self._redis.client() as conn:  # one connection for the script and its WAIT
+            reply = await script(keys=keys, args=args, client=conn)
+            ms_ = max(1, round(self.wait_timeout * 1000))
+            acknowledged = await conn.wait(self.wait_replicas, ms_)
+            if type(acknowledged) is int and acknowledged < self.wait_replicas:
+                acknowledged = await conn.wait(self.wait_replicas, ms_)
+        if type(acknowledged) is not int or acknowledged < self.wait_replicas:
+            self.replica_shortfalls += 1
+            if self.replica_shortfalls in (1, 10, 100) or self.replica_shortfalls % 1000 == 0:
+                log.warning(
+                    "Redis at %s: a write reached %s of %d replicas within %g s (wait_replicas; %d such writes so "
+                    "far): it is on the primary; a failover now could lose it",
+                    self.location, acknowledged, self.wait_replicas, 2 * self.wait_timeout, self.replica_shortfalls,
+                )  # fmt: skip
+        return reply
 
     # -- errors ------------------------------------------------------------
 
@@ -404,6 +419,11 @@ class RedisBackend:
         code = getattr(exc, "status_code", None)
         if code and not message.startswith(str(code)):  # redis-py cut the code off: READONLY, LOADING ...
             message = f"{code} {message}"
+        if type(exc).__name__ == "MasterNotFoundError" and self.topology is not None:  # redis-py's text: 2 KB of reprs
+            sentinels = ", ".join(f"{host}:{port}" for host, port in self.topology.nodes)
+            why = ("none of them answered" if re.search(r"Connection|Timeout|Error \d+", message)
+                   else "they do not monitor it, or see it down")  # fmt: skip
+            message = f"the sentinels ({sentinels}) name no primary for {self.topology.service!r}: {why}"
         detail = mask_secrets(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
         if isinstance(exc, e.AuthenticationError | e.AuthorizationError | e.NoPermissionError):
             # Waiting does not fix credentials: not "unavailable", although redis-py
@@ -418,6 +438,7 @@ class RedisBackend:
             e.ClusterDownError,  # includes MasterDownError
             e.AskError,  # includes MovedError: a slot moved during resharding
             e.ClusterError,  # redis-py followed redirections (or TRYAGAIN) until its TTL ran out: resharding
+            e.RedisClusterUnreachableError,  # no node of the Cluster answers (all restarting)
             e.OutOfMemoryError,  # writes resume when memory is freed; pausing loses nothing
             OSError,  # includes TimeoutError
         )
