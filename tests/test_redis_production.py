@@ -74,6 +74,8 @@ def test_a_cluster_that_no_node_answers_is_an_outage_not_an_error() -> None:
         ("redis+sentinel://h1:99999/m", "is not HOST:PORT"),
         ("redis+sentinel://:pw@h1:26379/m?x=1", "do not take"),
         ("redis+cluster://h1:7000/3", "database 0 only"),
+        ("redis+cluster://h1:\u0667\u0660\u0660\u0660", "is not HOST:PORT"),  # Arabic-Indic digits
+        ("redis+sentinel://h1:26379/m/99999999999999999999", "the database must be a number"),
         ("redis+cluster://h1:7000,:7001", "is not HOST:PORT"),
         ("redis+cluster://:se#cret@h1:7000", "percent-encoded"),
     ],

@@ -258,8 +258,9 @@ def parse_topology(url: str) -> Topology:
                 port = tail[1:]
         elif ":" in piece:
             host, _, port = piece.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"{where}: {piece!r} is not HOST:PORT (a port from 1 to 65535)")
+        host = host.strip()
+        if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+            raise ConfigError(f"{where}: {piece.strip()!r} is not HOST:PORT (a port from 1 to 65535)")
         nodes.append((host, int(port)))
     parts = [unquote(p) for p in path.split("/")] if path else []
     service, db = "", "0"
@@ -270,7 +271,7 @@ def parse_topology(url: str) -> Topology:
         db = parts[1] if len(parts) == 2 and parts[1] else "0"
     elif len(parts) > 1 or (parts and parts[0] not in ("", "0")):
         raise ConfigError(f"{where}: a Redis Cluster has database 0 only (no path, or /0)")
-    if not db.isdigit():
+    if not (db.isascii() and db.isdigit()) or int(db) > 2**31:
         raise ConfigError(f"{where}: the database must be a number, got {db!r}")
     return Topology(kind[6:], tuple(nodes), username, password, service, int(db))  # type: ignore[arg-type]
 
