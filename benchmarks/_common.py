@@ -29,9 +29,17 @@ def unique_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def write_config(path: Path, backend: str, redis_url: str = DEFAULT_REDIS_URL, sqlite_path: Path | None = None) -> Path:
-    """A config file with ``backend`` on both sides (so ``$ACHIHUO_CONFIG`` cannot change the run)."""
+def write_config(
+    path: Path,
+    backend: str,
+    redis_url: str = DEFAULT_REDIS_URL,
+    sqlite_path: Path | None = None,
+    extra: str = "",
+) -> Path:
+    """A config file with ``backend`` on both sides (so ``$ACHIHUO_CONFIG`` cannot change the run);
+    ``extra``: more lines for both sections (backend options)."""
     opts = {"redis": f'url = "{redis_url}"', "sqlite": f'path = "{sqlite_path}"'}.get(backend, "")
+    opts = f"{opts}\n{extra}" if extra else opts
     path.write_text(f'[queue]\nbackend = "{backend}"\n{opts}\n[done]\nbackend = "{backend}"\n{opts}\n')
     return path
 

@@ -31,6 +31,8 @@ RSS, ``VmHWM`` from ``/proc/self/status``, are its own), at the same concurrency
   ``per_host_limit = 64`` held for the whole loop (the concurrency, so it never waits: the
   row shows what the loop-wide gate costs). Redis rows also report backend round trips per
   page (the backend counts every call it sends).
+* ``achihuo_mini sqlite, synchronous "full"`` (with ``--sqlite-full``): the SQLite row with
+  every commit synced at once (the default, ``"auto"``, syncs handler acks lazily).
 * peers, one row each when its package is importable (``pip install -e ".[bench]"``;
   the script names the ones it skipped): crawlers from other projects doing the same
   crawl at the same concurrency with their own defaults otherwise, their own dedup and
@@ -320,7 +322,8 @@ async def achihuo(
     Returns the pages fetched and, for Redis, the backend round trips of the crawl.
     ``backend:nostats`` runs it with the ``stats`` option off (no HTTP statistics, nothing
     published), to measure what the statistics cost; ``backend:gc`` with ``tune_gc`` on (as
-    ``start`` runs), to measure what tuning the garbage collector gains; ``backend:polite``
+    ``start`` runs), to measure what tuning the garbage collector gains; ``sqlite:full`` with
+    the SQLite option ``synchronous = "full"`` (every commit synced); ``backend:polite``
     with ``per_host_limit`` = the concurrency (the per-host gate held for the whole loop)."""
     from _common import unique_name, write_config
 
@@ -331,7 +334,8 @@ async def achihuo(
     tuned = flag == "gc"
     polite = {"per_host_limit": concurrency} if flag == "polite" else {}
     name = unique_name("crawl")
-    config = write_config(tmp / f"{name}.toml", backend, redis_url, tmp / f"{name}.sqlite3")
+    extra = 'synchronous = "full"' if flag == "full" else ""
+    config = write_config(tmp / f"{name}.toml", backend, redis_url, tmp / f"{name}.sqlite3", extra)
 
     class Spider(AsyncLoop):
         NAME = name
@@ -628,6 +632,11 @@ def main() -> None:
     )
     parser.add_argument("--redis-url", help="default: $REDIS_URL or redis://127.0.0.1:6379/0")
     parser.add_argument(
+        "--sqlite-full",
+        action="store_true",
+        help='also run the SQLite row with synchronous = "full" (every commit synced at once)',
+    )
+    parser.add_argument(
         "--event-loops",
         nargs="+",
         choices=["asyncio", "uvloop"],
@@ -681,6 +690,8 @@ def main() -> None:
                 variants = [(b, f"achihuo_mini {b}") for b in args.backends]
                 variants += [(f"{b}:nostats", f"achihuo_mini {b}, stats off") for b in args.backends if b in stats_off]
                 variants += [(f"{b}:gc", f"achihuo_mini {b}, tune_gc") for b in args.backends if b in tune_gc]
+                if args.sqlite_full and "sqlite" in args.backends:
+                    variants.append(("sqlite:full", 'achihuo_mini sqlite, synchronous "full"'))
                 for kind, label in variants:
                     r = measure(kind, base, args, tmp, server, ev)
                     baseline[id(r)] = ev

@@ -14,14 +14,20 @@ Requirements and guarantees
   POSIX locks belong to a process: code in the same process must not open and
   close the database file behind SQLite's back (nor a second copy of the SQLite
   library use it), or this process's locks are silently dropped.
-- **WAL mode with** ``synchronous = FULL``: the WAL is synced at every commit, so an
-  operation that returned survives a process crash (SIGKILL, OOM), an operating
-  system crash and a power loss (on a disk that honours flushes). The queue reports
-  ``durability: always``. ``synchronous = NORMAL`` (syncing only at checkpoints)
-  would survive a process crash too, but an OS crash or power loss could roll back
-  the last commits -- acks (re-runs) and pushes that had already returned, lost
-  tasks for a script that added them -- so it is not offered: the memory backend is
-  there for speed without durability.
+- **WAL mode; every commit that a power loss could not redo is synced.** A commit that
+  adds tasks (a feeder script's ``add_task``, ``run()``'s seeds, a re-queue of dead
+  letters), marks names outside a handler, or carries a command syncs the WAL before it
+  returns (``synchronous = FULL``): it survives a process crash (SIGKILL, OOM), an
+  operating system crash and a power loss (on a disk that honours flushes). A commit
+  whose loss only makes a worker redo work -- a handler's ack together with its
+  children and done names, a reserve, a release, a retry, a burial, a heartbeat --
+  is written with ``synchronous = NORMAL``: it survives a process crash as well, and
+  reaches the disk with the next synced commit (syncing the WAL makes every earlier
+  frame durable) or checkpoint. A power loss may roll such a commit back; the ack,
+  the children and the done names go together (one transaction), so the task simply
+  runs again: at-least-once holds. The queue reports ``durability: always``. The
+  backend option ``synchronous = "full"`` syncs every commit (a power loss then never
+  re-runs a finished handler, at a cost: ``benchmarks/crawl.py`` measures both).
 - **Private files**: the file is created with mode ``0600``, and every folder the
   backend creates (the data folder, its parents) with ``0700``, whatever the umask;
   SQLite gives the ``-wal``/``-shm`` files the file's mode. Existing folders and

@@ -80,7 +80,16 @@ OPTIONS: dict[str, Option] = {
         "seconds between the checks an idle worker makes for new tasks (other processes cannot wake it)",
         minimum=0.0,
     ),
+    "synchronous": Option(
+        str,
+        "auto",
+        "'auto': commits that only lose work a worker redoes (a handler's ack, a reserve, a release, "
+        "a heartbeat) sync at the next checkpoint, every other commit (adding tasks, task_done "
+        "outside a handler, commands) syncs at once; 'full': every commit syncs at once",
+    ),
 }
+
+SYNCHRONOUS = ("auto", "full")
 
 _T = TypeVar("_T")
 
@@ -156,7 +165,7 @@ class _SqliteStore:
 
     scope: Literal["host"] = "host"
     durability: Literal["always"] = "always"
-    """Every commit is synced (WAL, ``synchronous = FULL``): it survives a power loss."""
+    """Every commit that a power loss could not redo is synced (see ``synchronous``)."""
 
     def __init__(
         self,
@@ -164,6 +173,7 @@ class _SqliteStore:
         path: str | os.PathLike[str] | None = None,
         busy_timeout: float | None = 30.0,
         poll_interval: float | None = 0.05,
+        synchronous: str | None = "auto",
     ) -> None:
         if path is None:
             path = default_data_dir() / (safe_filename(namespace) + ".sqlite3")
@@ -173,7 +183,12 @@ class _SqliteStore:
             raise ConfigError(f"sqlite backend: busy_timeout must be >= 0 seconds, got {busy_timeout!r}")
         if not poll_interval > 0:
             raise ConfigError(f"sqlite backend: poll_interval must be > 0 seconds, got {poll_interval!r}")
+        synchronous = OPTIONS["synchronous"].default if synchronous is None else synchronous
+        if synchronous not in SYNCHRONOUS:
+            raise ConfigError(f"sqlite backend: synchronous must be 'auto' or 'full', got {synchronous!r}")
         self.namespace = namespace
+        self.synchronous: str = synchronous
+        self._synced = True  # the connection's PRAGMA synchronous is FULL (False: NORMAL)
         self.path = Path(os.path.expanduser(os.fspath(path))).resolve()
         self.location = str(self.path)
         self.busy_timeout: float = busy_timeout
@@ -227,6 +242,7 @@ class _SqliteStore:
             conn.text_factory = decode_text
             _retry_busy(deadline, functools.partial(self._switch_to_wal, conn))
             conn.execute("PRAGMA synchronous = FULL")
+            self._synced = True
             self._ns = _retry_busy(deadline, functools.partial(self._prepare, conn))
         except BaseException:
             conn.close()
@@ -317,12 +333,17 @@ class _SqliteStore:
         self,
         fn: Callable[..., _T],
         *args: Any,
-        mode: Literal["write", "read", "none", "open"] = "write",
+        mode: Literal["write", "redo", "read", "none", "open"] = "write",
     ) -> _T:
         """Run ``fn(connection, *args)`` in the worker thread; translate what it raises.
 
-        ``write``: in one ``BEGIN IMMEDIATE`` transaction; ``read``: in one read
-        transaction (a consistent snapshot); ``none``: no transaction.
+        ``write``: in one ``BEGIN IMMEDIATE`` transaction, synced to disk before this
+        returns; ``redo``: the same, for a write whose loss only makes a worker redo work
+        (a handler's ack with everything it wrote, a reserve, a release, a heartbeat):
+        with ``synchronous = "auto"`` it is synced by the next synced write or
+        checkpoint, so a power loss can roll it back -- and then the task runs again;
+        ``read``: in one read transaction (a consistent snapshot); ``none``: no
+        transaction.
         """
         executor = self._executor
         if executor is None:
@@ -350,15 +371,24 @@ class _SqliteStore:
                 return fn(conn, *args)
             finally:
                 conn.execute("COMMIT")
-        return self._write(conn, fn, *args)
+        return self._write(conn, fn, *args, synced=mode == "write" or self.synchronous == "full")
 
-    def _write(self, conn: sqlite3.Connection, fn: Callable[..., _T], *args: Any) -> _T:
-        """``fn(conn, *args)`` in one write transaction (``BEGIN IMMEDIATE``), holding the per-file lock."""
+    def _write(self, conn: sqlite3.Connection, fn: Callable[..., _T], *args: Any, synced: bool = True) -> _T:
+        """``fn(conn, *args)`` in one write transaction (``BEGIN IMMEDIATE``), holding the per-file lock.
+
+        ``synced``: the commit syncs the WAL (``PRAGMA synchronous = FULL``), which makes
+        every earlier commit to the file durable too (the WAL is one sequence of frames);
+        else it is left to the next synced commit or checkpoint (``NORMAL``). In WAL mode
+        either keeps the file consistent through a power loss.
+        """
         if not self._lock.acquire(timeout=self.busy_timeout):
             raise BackendUnavailable(
                 f"SQLite {self.location}: still locked by this process after {self.busy_timeout} s"
             )
         try:
+            if synced is not self._synced:
+                conn.execute("PRAGMA synchronous = FULL" if synced else "PRAGMA synchronous = NORMAL")
+                self._synced = synced
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(conn, *args)

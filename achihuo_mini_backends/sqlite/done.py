@@ -90,7 +90,7 @@ def remove_done(c: sqlite3.Connection, ns: int, keys: Sequence[bytes], delta: _D
 class SqliteDoneSet(_SqliteStore):
     """SQLite :class:`~achihuo_mini.backend.DoneSetBackend` (and ``ExpiringDoneSet``): the ``done`` table.
 
-    ``SqliteDoneSet(namespace, path=None, busy_timeout=30.0, poll_interval=0.05)``.
+    ``SqliteDoneSet(namespace, path=None, busy_timeout=30.0, poll_interval=0.05, synchronous="auto")``.
     """
 
     async def add(self, keys: Sequence[bytes]) -> int:

@@ -32,7 +32,7 @@ class _HostSlots(_SqliteStore):
         """Release, take slots and reserve turns for each ask, in one transaction (see ``HostSlots``)."""
         if not asks:
             return []
-        return await self._call(self._t_claim_hosts, worker, list(asks), float(ttl), float(wait))
+        return await self._call(self._t_claim_hosts, worker, list(asks), float(ttl), float(wait), mode="redo")
 
     def _t_claim_hosts(
         self, c: sqlite3.Connection, worker: str, asks: Sequence[HostAsk], ttl: float, wait: float

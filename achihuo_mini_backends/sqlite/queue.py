@@ -68,7 +68,7 @@ BURY_LIMIT = 1_000
 class SqliteQueue(_Registry, _HostSlots):
     """SQLite :class:`~achihuo_mini.backend.QueueBackend` with the registry, notifier and host-slot abilities.
 
-    ``SqliteQueue(namespace, path=None, busy_timeout=30.0, poll_interval=0.05)``;
+    ``SqliteQueue(namespace, path=None, busy_timeout=30.0, poll_interval=0.05, synchronous="auto")``;
     ``path=None`` is ``$XDG_DATA_HOME/achihuo_mini/<NAME>.sqlite3``.
     """
 
@@ -174,7 +174,7 @@ class SqliteQueue(_Registry, _HostSlots):
         """
         if limit <= 0:
             return []
-        return await self._call(self._t_reserve, worker, limit)
+        return await self._call(self._t_reserve, worker, limit, mode="redo")
 
     def _t_reserve(self, c: sqlite3.Connection, worker: str, limit: int) -> list[Lease]:
         ns = self._ns
@@ -245,7 +245,7 @@ class SqliteQueue(_Registry, _HostSlots):
         """Ack held leases, apply their done/undone keys and push their children, in one transaction."""
         if not commits:
             return 0
-        applied, pushed = await self._call(self._t_commit, list(commits))
+        applied, pushed = await self._call(self._t_commit, list(commits), mode="redo")
         self.children_pushed += pushed  # once the transaction is committed
         return self._woken(applied)
 
@@ -322,7 +322,7 @@ class SqliteQueue(_Registry, _HostSlots):
         """
         if not leases:
             return 0
-        return self._woken(await self._call(self._t_release, list(leases), float(delay)))
+        return self._woken(await self._call(self._t_release, list(leases), float(delay), mode="redo"))
 
     def _t_release(self, c: sqlite3.Connection, leases: Sequence[Lease], delay: float) -> int:
         held = list(dict.fromkeys(lease.task_id for lease in leases if self._held(c, lease) is not None))
@@ -345,7 +345,7 @@ class SqliteQueue(_Registry, _HostSlots):
         """Count a failure and make each held task ready at the tail after its delay."""
         if not items:
             return 0
-        return self._woken(await self._call(self._t_retry, list(items)))
+        return self._woken(await self._call(self._t_retry, list(items), mode="redo"))
 
     def _t_retry(self, c: sqlite3.Connection, items: Sequence[tuple[Lease, float]]) -> int:
         delta = _Delta()
@@ -368,7 +368,7 @@ class SqliteQueue(_Registry, _HostSlots):
         """Move held tasks to the dead letters (error text cut to 2048 characters; counts a failure)."""
         if not items:
             return 0
-        return await self._call(self._t_bury, list(items))
+        return await self._call(self._t_bury, list(items), mode="redo")
 
     def _t_bury(self, c: sqlite3.Connection, items: Sequence[tuple[Lease, str]]) -> int:
         delta = _Delta()

@@ -78,7 +78,7 @@ class _Registry(_SqliteStore):
 
     async def register(self, worker: str, role: str, info: Mapping[str, Any], ttl: float) -> str:
         """Register a new incarnation and claim the lowest free alias of its role, in one transaction."""
-        return await self._call(self._t_register, _text(worker), role, _json(info), float(ttl))
+        return await self._call(self._t_register, _text(worker), role, _json(info), float(ttl), mode="redo")
 
     def _t_register(self, c: sqlite3.Connection, worker: str, role: str, info: str, ttl: float) -> str:
         ns = self._ns
@@ -95,7 +95,7 @@ class _Registry(_SqliteStore):
 
     async def heartbeat(self, worker: str, info: Mapping[str, Any], ttl: float) -> list[str] | None:
         """Refresh liveness and info; return and clear pending commands (None: not registered)."""
-        return await self._call(self._t_heartbeat, _text(worker), _json(info), float(ttl))
+        return await self._call(self._t_heartbeat, _text(worker), _json(info), float(ttl), mode="redo")
 
     def _t_heartbeat(self, c: sqlite3.Connection, worker: str, info: str, ttl: float) -> list[str] | None:
         ns = self._ns
@@ -135,7 +135,7 @@ class _Registry(_SqliteStore):
 
     async def unregister(self, worker: str) -> None:
         """Remove the worker, its alias and mailbox; release its leases to the head."""
-        self._woken(await self._call(self._t_unregister, _text(worker)))
+        self._woken(await self._call(self._t_unregister, _text(worker), mode="redo"))
 
     def _t_unregister(self, c: sqlite3.Connection, worker: str) -> int:
         self._forget_workers(c, [worker])
@@ -152,7 +152,7 @@ class _Registry(_SqliteStore):
         items = list(counts.items())
         merge_counts({}, dict(items))  # refuses bad names and values before anything is written
         if items:
-            await self._call(self._t_add_counts, items)
+            await self._call(self._t_add_counts, items, mode="redo")
 
     def _t_add_counts(self, c: sqlite3.Connection, items: list[tuple[str, int]]) -> None:
         for name, value in items:
@@ -267,7 +267,7 @@ class _Registry(_SqliteStore):
         tasks whose due time is not a number (they would never be due) are made ready at
         the tail, where ``reserve`` checks them like any task.
         """
-        return self._woken(await self._call(self._t_recover))
+        return self._woken(await self._call(self._t_recover, mode="redo"))
 
     def _t_recover(self, c: sqlite3.Connection) -> int:
         ns = self._ns
