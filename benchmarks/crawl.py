@@ -30,7 +30,9 @@ RSS, ``VmHWM`` from ``/proc/self/status``, are its own), at the same concurrency
 * ``achihuo_mini redis, per_host_limit 64`` (unless ``--no-polite``): the Redis row with
   ``per_host_limit = 64`` held for the whole loop (the concurrency, so it never waits: the
   row shows what the loop-wide gate costs). Redis rows also report backend round trips per
-  page (the backend counts every call it sends).
+  page (the backend counts every call it sends) and, like the scrapy-redis row, the Redis
+  server's CPU per page (``INFO cpu`` before and after the row), with the pages/s one Redis
+  core could serve at that cost: how many such workers one Redis carries.
 * ``achihuo_mini sqlite, synchronous "full"`` (with ``--sqlite-full``): the SQLite row with
   every commit synced at once (the default, ``"auto"``, syncs handler acks lazily).
 * peers, one row each when its package is importable (``pip install -e ".[bench]"``;
@@ -590,9 +592,12 @@ def measure(
     cmd = [sys.executable, str(HERE), "--child", kind, "--url", base, "-n", str(args.pages)]
     cmd += ["--event-loop", event_loop]
     cmd += ["-c", str(args.concurrency), "--redis-url", args.redis_url, "--tmp", str(tmp)]
+    uses_redis = kind.startswith("redis") or kind == "scrapy-redis"
+    redis0 = redis_cpu(args.redis_url) if uses_redis else 0.0
     cpu0 = server.cpu()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
     server_cpu = server.cpu() - cpu0
+    redis_used = redis_cpu(args.redis_url) - redis0 if uses_redis else None
     if proc.returncode != 0 or not proc.stdout.strip():
         log = tmp / "nginx-error.log"
         errors = log.read_text()[-2000:] if log.exists() else ""
@@ -603,7 +608,20 @@ def measure(
     elif r["pages"] != args.pages:
         raise SystemExit(f"{kind}: fetched {r['pages']} pages of {args.pages}")
     r["server_cpu"] = server_cpu
+    r["redis_cpu"] = redis_used
     return r
+
+
+def redis_cpu(url: str) -> float:
+    """CPU seconds the Redis server has used (``INFO cpu``: user + system, all its threads)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        info = client.info("cpu")
+    finally:
+        client.close()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def main() -> None:
@@ -708,7 +726,8 @@ def main() -> None:
         server_name = "nginx 1 worker" if server.binary else server.name
     bare = bares["asyncio"] if "asyncio" in bares else next(iter(bares.values()))
     rows = [["crawler", "pages", "pages/s", "CPU s", "peak RSS MiB", "server CPU %", "vs bare aiohttp",
-             "round trips/page"]]  # fmt: skip
+             "round trips/page", "Redis CPU µs/page"]]  # fmt: skip
+    ceilings: list[str] = []
     notes: list[str] = []
     for label, r in runs:
         rate = r["pages"] / r["wall"]
@@ -725,8 +744,12 @@ def main() -> None:
                 f"{100 * r['server_cpu'] / r['wall']:.0f}",
                 f"{rate / bares.get(baseline.get(id(r), 'asyncio'), bare):.2f}",
                 f"{r['trips'] / r['pages']:.3f}" if r.get("trips") is not None else "-",
+                f"{1e6 * r['redis_cpu'] / r['pages']:.0f}" if r.get("redis_cpu") and r["pages"] else "-",
             ]
         )
+        if r.get("redis_cpu") and r["pages"]:
+            ceiling = r["pages"] / r["redis_cpu"]
+            ceilings.append(f"{label}: {ceiling:,.0f} pages/s, {ceiling / rate:.1f} workers at this row's rate")
     print(
         f"crawl of {n:,} pages ({size / n / 1024:.1f} KB avg, {LINKS_PER_PAGE} links each, "
         f"{size / 2**20:.0f} MiB, generated in {gen_s:.1f} s), {server_name}, concurrency {c}; {machine()}"
@@ -749,6 +772,13 @@ def main() -> None:
         "round trips/page: backend calls (scripts, commands, pipelines) of the whole crawl / pages; "
         "Redis rows only (the backend counts them)"
     )
+    if ceilings:
+        print(
+            "Redis CPU µs/page: the Redis server's CPU time during the row (INFO cpu, user + system) / pages; "
+            "one Redis core at that cost could serve (Redis runs commands on one thread):"
+        )
+        for line in ceilings:
+            print(f"  {line}")
     if peers:
         print(
             "peers: other crawlers, same site, concurrency and regex, with their own dedup; "

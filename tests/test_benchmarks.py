@@ -46,11 +46,13 @@ PEERS = {
 
 
 def test_crawl_benchmark_runs(redis_url: str) -> None:
-    out = run("crawl.py", "-n", "300", "--redis-url", redis_url, "--stats-off")
+    out = run("crawl.py", "-n", "300", "--redis-url", redis_url, "--stats-off", "--sqlite-full")
     for row in ("bare aiohttp", "achihuo_mini memory", "achihuo_mini memory, stats off", "achihuo_mini sqlite",
-                "achihuo_mini redis", "achihuo_mini redis, per_host_limit 64"):  # fmt: skip
+                'achihuo_mini sqlite, synchronous "full"', "achihuo_mini redis",
+                "achihuo_mini redis, per_host_limit 64"):  # fmt: skip
         assert row in out
-    assert "round trips/page" in out
+    assert "round trips/page" in out and "Redis CPU µs/page" in out
+    assert "achihuo_mini redis: " in out and "workers at this row's rate" in out, out
     # .ci/run installs the bench extra, so CI runs the peers; without it, the script must say what to install
     missing = [dist for dist, (mods, _) in PEERS.items() if not all(importlib.util.find_spec(m) for m in mods)]
     for dist, (_, rows) in PEERS.items():
