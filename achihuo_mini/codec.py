@@ -237,7 +237,7 @@ def _unencodable(handler: str, name: str | None, args: tuple[Any, ...] | list[An
     return "a str cannot be stored as UTF-8"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per task run: a frozen dataclass costs four times as much to build
 class DecodedTask:
     handler: str
     name: str | None
