@@ -103,8 +103,8 @@ async def test_writes_only_redone_work_may_wait_for_the_disk(pair: tuple[SqliteQ
         ("bury", q.bury([(leases[3], "boom")])),
         ("heartbeat", q.heartbeat("w1", {}, 30.0)),
     ]
-    for what, step in redone:
-        assert await _level(qc, step) == "NORMAL", what
+    for what, lazy in redone:
+        assert await _level(qc, lazy) == "NORMAL", what
     assert await _level(qc, q.requeue_dead()) == "FULL", "requeue_dead adds tasks back"
     assert await _level(qc, q.push([NewTask(b"late")])) == "FULL", "a push after lazy commits is synced again"
 
@@ -127,6 +127,9 @@ async def test_synchronous_full_syncs_every_commit(pair: tuple[SqliteQueue, Sqli
 def test_synchronous_must_be_auto_or_full(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="synchronous must be 'auto' or 'full', got 'normal'"):
         SqliteQueue("x", path=tmp_path / "x.sqlite3", synchronous="normal")
+    with pytest.raises(ConfigError, match="got 1"):
+        SqliteQueue("x", path=tmp_path / "x.sqlite3", synchronous=1)  # type: ignore[arg-type]
+    assert SqliteQueue("x", path=tmp_path / "x.sqlite3", synchronous="FULL").synchronous == "full"
 
 
 def test_synchronous_from_the_config_file(tmp_path: Path) -> None:

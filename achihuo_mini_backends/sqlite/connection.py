@@ -184,6 +184,8 @@ class _SqliteStore:
         if not poll_interval > 0:
             raise ConfigError(f"sqlite backend: poll_interval must be > 0 seconds, got {poll_interval!r}")
         synchronous = OPTIONS["synchronous"].default if synchronous is None else synchronous
+        if isinstance(synchronous, str):
+            synchronous = synchronous.lower()  # SQLite spells its levels FULL, NORMAL
         if synchronous not in SYNCHRONOUS:
             raise ConfigError(f"sqlite backend: synchronous must be 'auto' or 'full', got {synchronous!r}")
         self.namespace = namespace
