@@ -33,6 +33,11 @@ RSS, ``VmHWM`` from ``/proc/self/status``, are its own), at the same concurrency
   page (the backend counts every call it sends) and, like the scrapy-redis row, the Redis
   server's CPU per page (``INFO cpu`` before and after the row), with the pages/s one Redis
   core could serve at that cost: how many such workers one Redis carries.
+* ``achihuo_mini <backend>, session.get`` (with ``--raw-http BACKEND ...``): that row with
+  the handler fetching through the loop's aiohttp session directly (``session.get`` +
+  ``read`` + ``bytes.decode``, as the bare crawler does) instead of ``async_web_request``:
+  the difference to its plain row is what the HTTP wrapper (retries, statistics, the
+  ``Response``, charset detection) costs per page.
 * ``achihuo_mini sqlite, synchronous "full"`` (with ``--sqlite-full``): the SQLite row with
   every commit synced at once (the default, ``"auto"``, syncs handler acks lazily).
 * peers, one row each when its package is importable (``pip install -e ".[bench]"``;
@@ -334,6 +339,7 @@ async def achihuo(
     backend, _, flag = backend.partition(":")
     stats = flag != "nostats"
     tuned = flag == "gc"
+    raw = flag == "raw"
     polite = {"per_host_limit": concurrency} if flag == "polite" else {}
     name = unique_name("crawl")
     extra = 'synchronous = "full"' if flag == "full" else ""
@@ -360,8 +366,14 @@ async def achihuo(
             self.add_task("get_page", Item(method="GET", url=url), task_name=url, repeat=False)
 
         async def get_page(self, item: Item) -> None:
-            resp = await self.async_web_request(item)
-            for link in LINK.findall(resp.text):
+            http = self._AsyncLoop__core.http  # type: ignore[attr-defined]
+            if raw and http is not None:  # the loop's session, without the wrapper around it
+                async with http.session().get(item.url) as r:
+                    r.raise_for_status()
+                    text = (await r.read()).decode(r.charset or "utf-8")
+            else:  # (the first request builds the loop's HTTP client)
+                text = (await self.async_web_request(item)).text
+            for link in LINK.findall(text):
                 url = base + link
                 self.add_task("get_page", Item(method="GET", url=url), task_name=url, repeat=False)
             self.task_done(item.url)
@@ -648,6 +660,13 @@ def main() -> None:
         metavar="BACKEND",
         help="also run these backends with tune_gc on, as `start` does (bare: memory)",
     )
+    parser.add_argument(
+        "--raw-http",
+        nargs="*",
+        metavar="BACKEND",
+        help="also run these backends with the handler on session.get instead of async_web_request "
+        "(bare: memory), to see what the HTTP wrapper costs",
+    )
     parser.add_argument("--redis-url", help="default: $REDIS_URL or redis://127.0.0.1:6379/0")
     parser.add_argument(
         "--sqlite-full",
@@ -699,6 +718,7 @@ def main() -> None:
             baseline = {id(runs[0][1]): "asyncio"}
             stats_off = [] if args.stats_off is None else args.stats_off or ["memory"]
             tune_gc = [] if args.tune_gc is None else args.tune_gc or ["memory"]
+            raw_http = [] if args.raw_http is None else args.raw_http or ["memory"]
             for ev in event_loops:
                 tag = "" if ev == "asyncio" else f" ({ev})"
                 r = measure("bare", base, args, tmp, server, ev)
@@ -708,6 +728,7 @@ def main() -> None:
                 variants = [(b, f"achihuo_mini {b}") for b in args.backends]
                 variants += [(f"{b}:nostats", f"achihuo_mini {b}, stats off") for b in args.backends if b in stats_off]
                 variants += [(f"{b}:gc", f"achihuo_mini {b}, tune_gc") for b in args.backends if b in tune_gc]
+                variants += [(f"{b}:raw", f"achihuo_mini {b}, session.get") for b in args.backends if b in raw_http]
                 if args.sqlite_full and "sqlite" in args.backends:
                     variants.append(("sqlite:full", 'achihuo_mini sqlite, synchronous "full"'))
                 for kind, label in variants:

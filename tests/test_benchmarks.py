@@ -46,8 +46,9 @@ PEERS = {
 
 
 def test_crawl_benchmark_runs(redis_url: str) -> None:
-    out = run("crawl.py", "-n", "300", "--redis-url", redis_url, "--stats-off", "--sqlite-full")
-    for row in ("bare aiohttp", "achihuo_mini memory", "achihuo_mini memory, stats off", "achihuo_mini sqlite",
+    out = run("crawl.py", "-n", "300", "--redis-url", redis_url, "--stats-off", "--sqlite-full", "--raw-http")
+    for row in ("bare aiohttp", "achihuo_mini memory", "achihuo_mini memory, stats off",
+                "achihuo_mini memory, session.get", "achihuo_mini sqlite",
                 'achihuo_mini sqlite, synchronous "full"', "achihuo_mini redis",
                 "achihuo_mini redis, per_host_limit 64"):  # fmt: skip
         assert row in out
