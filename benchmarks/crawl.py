@@ -366,8 +366,8 @@ async def achihuo(
             self.add_task("get_page", Item(method="GET", url=url), task_name=url, repeat=False)
 
         async def get_page(self, item: Item) -> None:
-            http = self._AsyncLoop__core.http  # type: ignore[attr-defined]
-            if raw and http is not None:  # the loop's session, without the wrapper around it
+            # the loop's session without the wrapper around it (looked up only in those rows)
+            if raw and (http := self._AsyncLoop__core.http) is not None:  # type: ignore[attr-defined]
                 async with http.session().get(item.url) as r:
                     r.raise_for_status()
                     text = (await r.read()).decode(r.charset or "utf-8")

@@ -113,14 +113,12 @@ async def test_the_page_shows_a_running_crawl_in_chromium(tmp_path: Path, backen
             assert await asyncio.to_thread(p.wait, 120) == 0, describe()
         # the page refreshes every 0.5 s from what the workers published: the last figures
         # reach it a refresh after the workers exited, so wait for them (not one snapshot)
-        latest: list[str] = [""]
-
         async def settled() -> bool:
-            dom = latest[0] = await asyncio.to_thread(browse, url, "--dump-dom")
+            dom = seen[0] = await asyncio.to_thread(browse, url, "--dump-dom")
             return cell(dom, "done-count") == "70" and "<td>items</td><td>120</td>" in dom
 
-        await wait_until(settled, timeout=30, interval=0.2, describe=lambda: describe() + "\n---\n" + latest[0])
-        final = latest[0]
+        await wait_until(settled, timeout=30, interval=0.2, describe=describe_dom)
+        final = seen[0]
         assert cell(final, "done-count") == "70" and cell(final, "q-dead") == "2"
         assert re.search(r"<td>404</td><td>10</td>", final), "the 404s among the responses by status"
         assert re.search(r"<td>items</td><td>120</td>", final), "the spider's own counter, summed"
