@@ -60,8 +60,13 @@ _CJK_CANDIDATES = ("gb18030", "big5hkscs")
 
 def _normalise_encoding(label: str | None, *, from_meta: bool = False) -> str | None:
     """The codec to decode a page labelled ``label`` with, or None for an unknown or unsafe label."""
-    if not label:
+    if not label or not isinstance(label, str):  # an item's "encoding" may be anything
         return None
+    return _normalise_label(label if type(label) is str else str(label), from_meta)
+
+
+@functools.lru_cache(maxsize=256)  # bounded: labels come from pages, and nearly every page repeats a few
+def _normalise_label(label: str, from_meta: bool) -> str | None:
     label = label.strip().strip("\"'").lower()
     label = _LABELS.get(label, label)
     try:

@@ -403,6 +403,22 @@ async def test_item_encoding_forces_the_codec(site: Site, make_loop: MakeLoop) -
     assert resp.encoding == "cp1252" and "今天" not in resp.text, "a forced encoding is obeyed, even a wrong one"
 
 
+async def test_an_encoding_that_is_not_a_label_is_ignored(site: Site, make_loop: MakeLoop) -> None:
+    loop = make_loop()
+    for junk in (123, ["gbk"], {"a": 1}, b"gbk"):  # an item is the caller's data: detection decides
+        resp = await loop.async_web_request(Item(url=site.url + "page/gbk/meta", encoding=junk))
+        assert resp.text == page_html("gbk", "meta") and resp.encoding == "gb18030", junk
+
+
+def test_labels_are_looked_up_once_and_the_meta_rule_still_applies() -> None:
+    # the label lookup is cached: the same label from a header and from a <meta> still differ
+    utf16_meta = b'<meta charset="utf-16"><p>caf\xc3\xa9</p>'
+    for _ in range(3):
+        assert decode_body(utf16_meta) == '<meta charset="utf-16"><p>caf\u00e9</p>', "a meta utf-16 is utf-8"
+        assert decode_body("café".encode("utf-16-le"), "utf-16") == "café", "a header's utf-16 is utf-16"
+    assert detect_encoding(b"plain", " UTF-8 ") == "utf-8" and detect_encoding(b"plain", "no-such") == "utf-8"
+
+
 def test_decoding_rules() -> None:
     gbk_page = page_html("gbk", "meta").encode("gbk")
     assert decode_body(gbk_page, "utf-8") == page_html("gbk", "meta"), "a header that does not decode loses to meta"
